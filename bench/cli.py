@@ -1,0 +1,193 @@
+"""The `bench` command line: thin parsing around the runner and the reports."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench import registry
+from bench.errors import BenchError
+
+
+def parse_seeds(text: str) -> list[int]:
+    seeds = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            seeds.append(int(part))
+        except ValueError:
+            raise BenchError(f"--seeds {text!r}: '{part}' is not an integer; write e.g. --seeds 0,1,2") from None
+    if not seeds:
+        raise BenchError("--seeds is empty; write e.g. --seeds 0,1,2")
+    return list(dict.fromkeys(seeds))
+
+
+def parse_sets(items: Sequence[str]) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """``METHOD.PARAM=VALUE`` / ``suite.PARAM=VALUE`` -> (method overrides, suite overrides)."""
+    methods: dict[str, dict[str, str]] = {}
+    suite: dict[str, str] = {}
+    for item in items:
+        target, sep, value = item.partition("=")
+        owner, dot, name = target.partition(".")
+        if not sep or not dot or not owner or not name:
+            raise BenchError(f"--set {item!r}: write METHOD.PARAM=VALUE or suite.PARAM=VALUE, e.g. --set ties.k=10")
+        if owner == "suite":
+            suite[name] = value
+        else:
+            registry.get_method(owner)
+            methods.setdefault(owner, {})[name] = value
+    return methods, suite
+
+
+def load_plugins(modules: Sequence[str]) -> None:
+    """Import extra modules that register methods or suites (``--plugin`` or ``BENCH_PLUGINS``)."""
+    names = list(modules) + [m for m in os.environ.get("BENCH_PLUGINS", "").split(",") if m.strip()]
+    for name in names:
+        try:
+            importlib.import_module(name.strip())
+        except ImportError as exc:
+            raise BenchError(f"cannot import plugin module '{name}': {exc}; is it on PYTHONPATH?") from None
+
+
+def _param_lines(params_cls: type) -> list[str]:
+    infos = registry.param_infos(params_cls)
+    if not infos:
+        return ["    (no hyperparameters)"]
+    width = max(len(info.describe()) for info in infos)
+    return [f"    {info.describe().ljust(width)}  {info.help}" for info in infos]
+
+
+def list_methods() -> str:
+    lines = []
+    specs = registry.methods()
+    for family in registry.FAMILIES:
+        for name in sorted(n for n, s in specs.items() if s.family == family):
+            spec = specs[name]
+            data = spec.data
+            budget = spec.samples_per_task(spec.params())
+            if budget:
+                data += f", {budget} per task"
+            lines.append(f"{name}  [{spec.family}; data: {data}]  {spec.description}")
+            lines += _param_lines(spec.params)
+    return "\n".join(lines)
+
+
+def list_suites() -> str:
+    lines = []
+    for name, spec in sorted(registry.suites().items()):
+        lines.append(f"{name}  {spec.description}")
+        lines += _param_lines(spec.params)
+    return "\n".join(lines)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    print(list_methods() if args.what == "methods" else list_suites())
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bench.report import write_reports
+    from bench.runner import RunConfig, execute
+    from bench.store import ResultsStore
+
+    method_overrides, suite_overrides = parse_sets(args.set)
+    config = RunConfig(
+        suite=args.suite,
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        seeds=parse_seeds(args.seeds),
+        device=args.device,
+        method_overrides=method_overrides,
+        suite_overrides=suite_overrides,
+        results_dir=Path(args.results),
+        resume=args.resume,
+        progress=not args.no_progress,
+        **({"cache_dir": Path(args.cache)} if args.cache else {}),
+    )
+    if not config.methods:
+        raise BenchError("--methods is empty; write --methods all or a comma list, e.g. --methods ties,task_arithmetic")
+    summary = execute(config)
+    print(f"{len(summary.computed)} run(s) computed, {summary.skipped_recorded} already recorded; "
+          f"records in {config.results_dir}/", file=sys.stderr)
+    for name, reason in summary.not_applicable:
+        print(f"not applicable: {name}: {reason}", file=sys.stderr)
+    records = [r for r in ResultsStore(config.results_dir).records()
+               if r["suite"] == summary.suite_key["suite"] and r["suite_params"] == summary.suite_key["suite_params"]]
+    texts = write_reports(records, Path(args.out))
+    for text in texts.values():
+        print(text)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from bench.report import write_reports
+    from bench.store import ResultsStore
+
+    store = ResultsStore(args.results)
+    if not store.root.is_dir():
+        raise BenchError(f"no results directory '{args.results}'; run `bench run` first or pass --results DIR")
+    texts = write_reports(store.records(), Path(args.out), suite=args.suite)
+    if not texts:
+        where = f" for suite '{args.suite}'" if args.suite else ""
+        raise BenchError(f"no records{where} in '{args.results}'; run `bench run --suite ...` first")
+    for text in texts.values():
+        print(text)
+    print(f"tables written to {args.out}/", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench", description="Benchmark model-merging methods on suites.")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import MODULE to register extra methods or suites (also BENCH_PLUGINS=a,b)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_list = sub.add_parser("list", help="list registered methods or suites with their hyperparameters")
+    p_list.add_argument("what", choices=("methods", "suites"))
+    p_list.set_defaults(func=cmd_list)
+
+    p_run = sub.add_parser("run", help="run methods on a suite and record the results")
+    p_run.add_argument("--suite", default="tiny8", help="suite name (default: tiny8)")
+    p_run.add_argument("--methods", default="all", help="'all' or a comma list of method names")
+    p_run.add_argument("--seeds", default="0", help="comma list of seeds (default: 0)")
+    p_run.add_argument("--device", default="auto", help="auto|cpu|cuda (default: auto)")
+    p_run.add_argument("--set", action="append", default=[], metavar="OWNER.PARAM=VALUE",
+                       help="override a hyperparameter: METHOD.PARAM=VALUE or suite.PARAM=VALUE (repeatable)")
+    p_run.add_argument("--results", default="results", help="results directory (default: results)")
+    p_run.add_argument("--out", default="reports", help="where the leaderboard tables go (default: reports)")
+    p_run.add_argument("--cache", default=None,
+                       help="suite cache directory (default: $BENCH_CACHE or ~/.cache/merge-bench)")
+    p_run.add_argument("--resume", action="store_true", help="skip configurations already recorded")
+    p_run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p_run.set_defaults(func=cmd_run)
+
+    p_report = sub.add_parser("report", help="leaderboards from the results store")
+    p_report.add_argument("--results", default="results", help="results directory (default: results)")
+    p_report.add_argument("--out", default="reports", help="output directory for tables (default: reports)")
+    p_report.add_argument("--suite", default=None, help="only this suite")
+    p_report.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS; must precede CUDA init
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        load_plugins(args.plugin)
+        return int(args.func(args) or 0)
+    except BenchError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bench: interrupted; every finished run is recorded, rerun with --resume to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bench.runner import RunConfig, execute
+
+
+def config(tmp_path, **kwargs):
+    defaults = dict(suite="toy", methods=["pretrained"], results_dir=tmp_path / "results", progress=False,
+                    cache_dir=tmp_path / "cache")
+    return RunConfig(**{**defaults, **kwargs})
+
+
+def test_record_contents(tmp_path):
+    summary = execute(config(tmp_path, methods=["pretrained", "task_arithmetic"], seeds=[3]))
+    records = {r["method"]: r for r in summary.computed}
+    assert set(records) == {"individual", "pretrained", "task_arithmetic"}
+    ta, ind = records["task_arithmetic"], records["individual"]
+    assert ta["seed"] == 3 and ta["family"] == "data-free" and ta["data_access"] == "none"
+    assert ta["params"] == {"scaling": 0.3} and ta["variant"] == {}
+    assert set(ta["timings"]) == {"load", "merge", "adapt", "eval"}
+    assert ta["peak_memory"]["bytes"] > 0
+    assert ta["environment"]["device"] == "cpu" and "torch" in ta["environment"]["packages"]
+    for task, entry in ta["tasks"].items():
+        assert entry["normalized_accuracy"] == pytest.approx(entry["accuracy"] / ind["tasks"][task]["accuracy"])
+        assert entry["num_examples"] == 200
+    assert ta["average"] == pytest.approx(sum(e["accuracy"] for e in ta["tasks"].values()) / 3)
+
+
+def test_same_seed_same_numbers_and_dare_depends_on_seed(tmp_path):
+    first = execute(config(tmp_path / "a", methods=["dare_ta", "ties"], seeds=[0, 1]))
+    second = execute(config(tmp_path / "b", methods=["dare_ta", "ties"], seeds=[0, 1]))
+
+    def numbers(summary):
+        return {(r["method"], r["seed"]): {t: e["accuracy"] for t, e in r["tasks"].items()} for r in summary.computed}
+
+    assert numbers(first) == numbers(second)
+    one, two = numbers(first)[("dare_ta", 0)], numbers(first)[("dare_ta", 1)]
+    assert one != two  # the DARE mask is drawn from the run seed
+    assert numbers(first)[("ties", 0)] == numbers(first)[("ties", 1)]  # no randomness in TIES
+
+
+def test_resume_skips_recorded_configurations(tmp_path):
+    execute(config(tmp_path, methods=["pretrained"], seeds=[0, 1]))
+    files = {p: p.read_bytes() for p in (tmp_path / "results").rglob("*.json")}
+    summary = execute(config(tmp_path, methods=["pretrained", "task_arithmetic"], seeds=[0, 1], resume=True))
+    assert summary.skipped_recorded == 2
+    assert sorted(r["method"] for r in summary.computed) == ["task_arithmetic", "task_arithmetic"]
+    assert all(p.read_bytes() == content for p, content in files.items())
+    nothing = execute(config(tmp_path, methods=["pretrained", "task_arithmetic"], seeds=[0, 1], resume=True))
+    assert nothing.computed == [] and nothing.skipped_recorded == 4
+
+
+def test_killed_run_resumes_without_recomputing_or_losing_anything(tmp_path, plugin_env):
+    results = tmp_path / "results"
+    argv = [sys.executable, "-m", "bench", "run", "--suite", "toy", "--set", "suite.eval_delay=0.15",
+            "--methods", "pretrained,weight_averaging,task_arithmetic,ties", "--seeds", "0,1",
+            "--results", str(results), "--out", str(tmp_path / "reports"), "--no-progress"]
+    proc = subprocess.Popen(argv, env=plugin_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while len(list(results.rglob("*.json"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = {p: p.read_bytes() for p in results.rglob("*.json")}
+    assert 3 <= len(before) < 10, "the kill must land half-way"
+    for content in before.values():
+        json.loads(content)  # every record on disk is complete
+
+    resumed = subprocess.run(argv + ["--resume"], env=plugin_env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    after = {p: p.read_bytes() for p in results.rglob("*.json")}
+    assert len(after) == 10  # 4 methods x 2 seeds + the individual reference for each seed
+    assert all(after[p] == content for p, content in before.items()), "resume rewrote a finished record"
+    recomputed = int(resumed.stderr.split(" run(s) computed")[0].split()[-1])
+    assert recomputed == len(after) - len(before)

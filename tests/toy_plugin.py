@@ -1,0 +1,77 @@
+"""A test-only suite: three linear 'tasks' whose experts are known exactly, fast enough for every test.
+
+Registered as `toy` when imported (tests import it directly; subprocesses get it through BENCH_PLUGINS).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from bench.problem import MergeProblem, StateDict, TaskMetrics
+from bench.registry import param, register_suite
+
+DIM = 6
+
+
+@dataclass(frozen=True)
+class ToyParams:
+    num_tasks: int = param(3, "number of tasks", low=1, high=6)
+    eval_delay: float = param(0.0, "seconds to sleep per evaluated task (to test interruption)", low=0.0)
+    protocol: str = param("transductive", "where unlabeled data is drawn from", choices=("transductive", "inductive"))
+
+
+class ToyProblem(MergeProblem):
+    def __init__(self, params: ToyParams):
+        self.name = "toy"
+        self.params = params
+        self.protocol = params.protocol
+        self.tasks = [f"t{i}" for i in range(params.num_tasks)]
+        g = torch.Generator().manual_seed(1234)
+        self._base = {"w": torch.randn(DIM, DIM, generator=g) * 0.3, "b": torch.zeros(DIM)}
+        self._experts = {
+            task: {"w": self._base["w"] + torch.randn(DIM, DIM, generator=g), "b": torch.randn(DIM, generator=g) * 0.1}
+            for task in self.tasks
+        }
+        self._test = {task: torch.randn(200, DIM, generator=g) for task in self.tasks}
+        self._pool = {task: torch.randn(200, DIM, generator=g) for task in self.tasks}
+
+    def pretrained(self) -> StateDict:
+        return self._base
+
+    def expert(self, task: str) -> StateDict:
+        return self._experts[task]
+
+    def logits(self, params: StateDict, task: str, inputs: Tensor) -> Tensor:
+        return inputs @ params["w"].T + params["b"]
+
+    def _labels(self, task: str, inputs: Tensor) -> Tensor:
+        return self.logits(self._experts[task], task, inputs).argmax(-1)
+
+    def unlabeled(self, task: str, n: int, seed: int) -> Tensor:
+        source = self._test[task] if self.protocol == "transductive" else self._pool[task]
+        idx = torch.randint(len(source), (n,), generator=torch.Generator().manual_seed(seed))
+        return source[idx]
+
+    def labeled(self, task: str, n: int, seed: int) -> tuple[Tensor, Tensor]:
+        inputs = self._pool[task][torch.randperm(200, generator=torch.Generator().manual_seed(seed))[:n]]
+        return inputs, self._labels(task, inputs)
+
+    def evaluate(self, params: StateDict, task: str, device: torch.device) -> TaskMetrics:
+        if self.params.eval_delay:
+            time.sleep(self.params.eval_delay)
+        inputs = self._test[task]
+        labels = self._labels(task, inputs)
+        logits = self.logits(params, task, inputs)
+        correct = logits.argmax(-1) == labels
+        loss = torch.nn.functional.cross_entropy(logits, labels).item()
+        return TaskMetrics(accuracy=correct.float().mean().item(), loss=loss, correct=correct)
+
+
+@register_suite("toy", description="test-only linear suite", params=ToyParams)
+def build(params: ToyParams, cache_dir: Path, progress: bool) -> ToyProblem:
+    return ToyProblem(params)
