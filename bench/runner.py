@@ -135,11 +135,13 @@ def to_device(weights: StateDict, device: torch.device) -> StateDict:
     return {k: v.to(device) for k, v in weights.items()}
 
 
-def evaluate(problem: MergeProblem, merged: StateDict | PerTaskWeights, device: torch.device) -> dict:
+def evaluate(
+    problem: MergeProblem, merged: StateDict | PerTaskWeights, device: torch.device, progress: bool = False
+) -> dict:
     """Score the merged weights on every task's test split."""
     per_task = {}
     shared = None if isinstance(merged, PerTaskWeights) else to_device(merged, device)
-    for task in problem.tasks:
+    for task in tqdm(problem.tasks, desc="evaluating", leave=False, disable=not progress, file=sys.stderr):
         weights = to_device(merged[task], device) if shared is None else shared
         per_task[task] = problem.evaluate(weights, task, device)
     return per_task
@@ -197,6 +199,7 @@ def run_job(
     load_seconds: float,
     reference: Mapping[str, float] | None,
     env: dict,
+    progress: bool = False,
 ) -> dict[str, Any]:
     seed_everything(job.seed)
     timer = PhaseTimer(device)
@@ -214,7 +217,7 @@ def run_job(
         merged = job.method.fn(ctx, job.params)
     timer.seconds["merge"] -= timer.seconds["adapt"]  # adapt is timed inside the method call
     with timer.phase("eval"):
-        metrics = evaluate(problem, merged, device)
+        metrics = evaluate(problem, merged, device, progress)
     return build_record(job, problem, metrics, reference, timer, memory.read(), env, ctx.notes)
 
 
@@ -292,7 +295,7 @@ def execute(
                     summary.computed.append(reference_record)
             reference = references[job.seed]
         try:
-            record = run_job(job, problem, device, load_seconds, reference, env)
+            record = run_job(job, problem, device, load_seconds, reference, env, config.progress)
         except MethodNotApplicable as reason:
             summary.not_applicable.append((job.method.name, str(reason)))
             log(f"skipped {job.method.name}: {reason}")

@@ -30,7 +30,8 @@ def run_cli(capsys, *argv):
          "unknown parameter of suite 'num_taks'; did you mean: num_tasks"),
         (["run", "--suite", "toy", "--methods", "ties", "--seeds", "0,x"],
          "--seeds '0,x': 'x' is not an integer; write e.g. --seeds 0,1,2"),
-        (["run", "--suite", "toy", "--methods", "ties", "--device", "tpu"], "--device 'tpu' is not one of auto|cpu|cuda"),
+        (["run", "--suite", "toy", "--methods", "ties", "--device", "tpu"],
+         "--device 'tpu' is not one of auto|cpu|cuda"),
         (["report", "--results", "/nonexistent/results"],
          "no results directory '/nonexistent/results'; run `bench run` first or pass --results DIR"),
     ],
@@ -49,7 +50,8 @@ def test_cuda_requested_without_gpu(capsys, tmp_path, monkeypatch):
     code, _, err = run_cli(capsys, "run", "--suite", "toy", "--methods", "pretrained", "--device", "cuda",
                            "--results", str(tmp_path))
     assert code == 2
-    assert err == "bench: error: --device cuda asked for, but torch sees no CUDA device here; use --device cpu or auto\n"
+    assert err == ("bench: error: --device cuda asked for, but torch sees no CUDA device here; "
+                   "use --device cpu or auto\n")
 
 
 def test_list_methods_shows_every_default(capsys):

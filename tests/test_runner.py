@@ -62,8 +62,9 @@ def test_killed_run_resumes_without_recomputing_or_losing_anything(tmp_path, plu
             "--results", str(results), "--out", str(tmp_path / "reports"), "--no-progress"]
     proc = subprocess.Popen(argv, env=plugin_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while len(list(results.rglob("*.json"))) < 3 and time.monotonic() < deadline:
+    while len(list(results.rglob("*.json"))) < 3 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read().decode()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = {p: p.read_bytes() for p in results.rglob("*.json")}

@@ -1,0 +1,57 @@
+"""Every registered method end to end on the embedded suite (CI-sized), through the CLI."""
+
+import json
+
+import pytest
+
+from bench import registry
+from bench.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny8_ci_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    argv = ["run", "--suite", "tiny8", "--methods", "all", "--set", "suite.size=ci", "--seeds", "0",
+            "--results", str(root / "results"), "--out", str(root / "reports"), "--cache", str(root / "cache"),
+            "--no-progress"]
+    assert main(argv) == 0
+    records = {}
+    for path in (root / "results").rglob("*.json"):
+        record = json.loads(path.read_text())
+        records[record["method"]] = record
+    return root, argv, records
+
+
+def test_every_registered_method_runs_on_tiny8(tiny8_ci_run):
+    _, _, records = tiny8_ci_run
+    assert set(records) == set(registry.methods())
+    for name, record in records.items():
+        assert len(record["tasks"]) == 8, name
+        assert 0.0 <= record["average"] <= 1.0, name
+        assert record["suite_params"]["size"] == "ci"
+
+
+def test_reference_rows_bracket_the_merges(tiny8_ci_run):
+    _, _, records = tiny8_ci_run
+    pretrained, individual = records["pretrained"]["average"], records["individual"]["average"]
+    assert individual > pretrained + 0.2
+    for name in ("weight_averaging", "task_arithmetic", "ties"):
+        assert pretrained < records[name]["average"] < individual, name
+
+
+def test_rerun_of_the_same_seed_gives_identical_numbers(tiny8_ci_run, tmp_path):
+    root, argv, records = tiny8_ci_run
+    again = [a if a != str(root / "results") else str(tmp_path / "results") for a in argv]
+    again[again.index("--methods") + 1] = "ties,dare_ties,tsv_m"
+    assert main(again) == 0
+    for path in (tmp_path / "results").rglob("*.json"):
+        record = json.loads(path.read_text())
+        expected = records[record["method"]]
+        assert record["tasks"] == expected["tasks"], record["method"]
+
+
+def test_leaderboard_written(tiny8_ci_run):
+    root, _, records = tiny8_ci_run
+    md = (root / "reports" / "leaderboard_tiny8-size=ci.md").read_text()
+    for name in records:
+        assert f"| {name} |" in md
