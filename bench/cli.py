@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import os
 import sys
 from collections.abc import Sequence
@@ -45,6 +46,49 @@ def parse_sets(items: Sequence[str]) -> tuple[dict[str, dict[str, str]], dict[st
     return methods, suite
 
 
+def parse_grid_values(text: str) -> list[str]:
+    """``v1,v2,...`` or an inclusive range ``start:stop:step`` (e.g. ``0:1:0.1`` is 0.0, 0.1, ..., 1.0)."""
+    if ":" not in text:
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        if not values:
+            raise BenchError(f"--param value list '{text}' is empty; write v1,v2 or start:stop:step")
+        return values
+    parts = text.split(":")
+    try:
+        start, stop, step = (float(x) for x in parts)
+    except ValueError:
+        raise BenchError(f"--param range '{text}': write start:stop:step with numbers, e.g. 0:1:0.1") from None
+    if step <= 0 or stop < start:
+        raise BenchError(f"--param range '{text}': needs step > 0 and stop >= start")
+    count = int(round((stop - start) / step)) + 1
+    if count > 10_000:
+        raise BenchError(f"--param range '{text}' has {count} points; use a coarser step")
+    numbers = [round(start + i * step, 10) for i in range(count)]
+    integral = all(float(x).is_integer() for x in parts)
+    return [str(int(n)) if integral else repr(n) for n in numbers]
+
+
+def parse_grid(items: Sequence[str]) -> dict[str, dict[str, list[str]]]:
+    """``METHOD.PARAM=v1,v2`` / ``METHOD.PARAM=start:stop:step`` -> method -> param -> values."""
+    grid: dict[str, dict[str, list[str]]] = {}
+    for item in items:
+        target, sep, values = item.partition("=")
+        owner, dot, name = target.partition(".")
+        if not sep or not dot or not owner or not name:
+            raise BenchError(f"--param {item!r}: write METHOD.PARAM=v1,v2,... or METHOD.PARAM=start:stop:step")
+        registry.get_method(owner)
+        grid.setdefault(owner, {})[name] = parse_grid_values(values)
+    return grid
+
+
+def grid_points(grid: dict[str, dict[str, list[str]]]) -> dict[str, list[dict[str, str]]]:
+    """Per method, the cartesian product of its swept parameters: method -> list of overrides."""
+    return {
+        method: [dict(zip(params, values, strict=True)) for values in itertools.product(*params.values())]
+        for method, params in grid.items()
+    }
+
+
 def load_plugins(modules: Sequence[str]) -> None:
     """Import extra modules that register methods or suites (``--plugin`` or ``BENCH_PLUGINS``)."""
     names = list(modules) + [m for m in os.environ.get("BENCH_PLUGINS", "").split(",") if m.strip()]
@@ -72,7 +116,7 @@ def list_methods() -> str:
             data = spec.data
             budget = spec.samples_per_task(spec.params())
             if budget:
-                data += f", {budget} per task"
+                data += f", up to {budget} per task"
             lines.append(f"{name}  [{spec.family}; data: {data}]  {spec.description}")
             lines += _param_lines(spec.params)
     return "\n".join(lines)
@@ -124,6 +168,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from bench.report import sweep_markdown, sweep_table
+    from bench.runner import RunConfig, execute
+    from bench.store import ResultsStore
+
+    method_overrides, suite_overrides = parse_sets(args.set)
+    grid = parse_grid(args.param)
+    if not grid:
+        raise BenchError("bench sweep needs at least one --param METHOD.PARAM=v1,v2,... (or start:stop:step)")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(grid)
+    config = RunConfig(
+        suite=args.suite, methods=methods, seeds=parse_seeds(args.seeds), device=args.device,
+        method_overrides=method_overrides, suite_overrides=suite_overrides, results_dir=Path(args.results),
+        resume=args.resume, progress=not args.no_progress,
+        **({"cache_dir": Path(args.cache)} if args.cache else {}),
+    )
+    summary = execute(config, grid_points(grid))
+    print(f"{len(summary.computed)} run(s) computed, {summary.skipped_recorded} already recorded; "
+          f"records in {config.results_dir}/", file=sys.stderr)
+    planned = set(summary.planned)
+    records = [r for r in ResultsStore(config.results_dir).records() if r["config_hash"] in planned]
+    swept = {method: list(params) for method, params in grid.items()}
+    suite_label = config.suite + "".join(f" {k}={v}" for k, v in sorted(suite_overrides.items()))
+    text = sweep_markdown(sweep_table(records, swept), f"sweep on {suite_label}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "sweep_" + "_".join(f"{m}.{p}" for m, params in grid.items() for p in params)
+    (out / f"{name}.md").write_text(text)
+    print(text)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from bench.report import write_reports
     from bench.store import ResultsStore
@@ -165,6 +241,22 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("--resume", action="store_true", help="skip configurations already recorded")
     p_run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p_run.set_defaults(func=cmd_run)
+
+    p_sweep = sub.add_parser("sweep", help="run a grid over hyperparameters (records go to the same store)")
+    p_sweep.add_argument("--suite", default="tiny8", help="suite name (default: tiny8)")
+    p_sweep.add_argument("--methods", default=None, help="comma list (default: the methods named by --param)")
+    p_sweep.add_argument("--param", action="append", default=[], metavar="METHOD.PARAM=VALUES",
+                         help="values v1,v2,... or an inclusive range start:stop:step (repeatable)")
+    p_sweep.add_argument("--seeds", default="0", help="comma list of seeds (default: 0)")
+    p_sweep.add_argument("--device", default="auto", help="auto|cpu|cuda (default: auto)")
+    p_sweep.add_argument("--set", action="append", default=[], metavar="OWNER.PARAM=VALUE",
+                         help="fixed override for every grid point: METHOD.PARAM=VALUE or suite.PARAM=VALUE")
+    p_sweep.add_argument("--results", default="results", help="results directory (default: results)")
+    p_sweep.add_argument("--out", default="reports", help="where the sweep table goes (default: reports)")
+    p_sweep.add_argument("--cache", default=None, help="suite cache directory")
+    p_sweep.add_argument("--resume", action="store_true", help="skip configurations already recorded")
+    p_sweep.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p_sweep.set_defaults(func=cmd_sweep)
 
     p_report = sub.add_parser("report", help="leaderboards from the results store")
     p_report.add_argument("--results", default="results", help="results directory (default: results)")

@@ -14,6 +14,10 @@ class BenchError(Exception):
     """
 
 
+class MethodNotApplicable(BenchError):
+    """A method cannot run on a suite (e.g. the suite cannot supply the data it needs); the run skips it."""
+
+
 def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     return difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.5)
 

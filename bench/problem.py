@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,9 +67,22 @@ class MergeProblem(abc.ABC):
     def unlabeled(self, task: str, n: int, seed: int) -> Tensor:
         """``n`` unlabeled inputs of ``task``, drawn with ``seed`` from the protocol's adaptation split."""
 
+    def unlabeled_size(self, task: str) -> int:
+        """How many distinct examples :meth:`unlabeled` can draw for ``task`` under the protocol."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how much unlabeled data it has")
+
     @abc.abstractmethod
     def labeled(self, task: str, n: int, seed: int) -> tuple[Tensor, Tensor]:
         """``n`` labeled (inputs, labels) of ``task`` from its training/validation data."""
+
+    def linear_inputs(self, params: StateDict, task: str, inputs: Tensor) -> dict[str, Tensor]:
+        """For every merged weight ``W`` of a linear map ``y = x Wᵀ + b``: its inputs ``x`` as [N, in_features].
+
+        Used by RegMean. Suites that cannot expose them leave this as is and RegMean is skipped with a reason.
+        """
+        from bench.errors import MethodNotApplicable
+
+        raise MethodNotApplicable(f"suite {self.name} does not expose the inputs of its linear layers")
 
     @abc.abstractmethod
     def evaluate(self, params: StateDict, task: str, device: torch.device) -> TaskMetrics:
@@ -89,6 +102,8 @@ class MergeContext:
     device: torch.device
     generator: torch.Generator = field(repr=False)
     timer: Any = field(default=None, repr=False)  # bench.measure.PhaseTimer; None outside the runner
+    progress: bool = False  # show progress bars for long loops
+    shared: dict = field(default_factory=dict, repr=False)  # lives across the jobs of one run or sweep
     notes: dict = field(default_factory=dict)  # method may record diagnostics (e.g. chosen thresholds)
 
     @property
@@ -100,6 +115,16 @@ class MergeContext:
 
     def experts(self) -> list[StateDict]:
         return self.problem.experts()
+
+    def memo(self, key: tuple, factory: Callable[[], Any]) -> Any:
+        """``factory()`` once per run or sweep for ``key`` (e.g. the task-vector stack reused across grid points).
+
+        Only for values that depend on nothing but ``key`` and the problem; never for seeded random draws
+        unless the seed is part of the key.
+        """
+        if key not in self.shared:
+            self.shared[key] = factory()
+        return self.shared[key]
 
     def adapt_phase(self) -> contextlib.AbstractContextManager:
         """Wrap test-time optimisation in this so the runner reports it as the `adapt` phase."""

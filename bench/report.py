@@ -163,3 +163,49 @@ def write_reports(records: Iterable[dict[str, Any]], out_dir: Path, suite: str |
         (out_dir / f"{stem}.csv").write_text(to_csv(board))
         texts[suite_label] = to_text(board, title)
     return texts
+
+
+def sweep_table(records: Iterable[dict[str, Any]], swept: dict[str, list[str]]) -> pd.DataFrame:
+    """Average accuracy (mean and std over seeds) per method and value of its swept parameters.
+
+    ``swept`` maps method -> names of the parameters it was swept over. One row per (method, setting):
+    ``label`` is ``method (param)``, ``setting`` the value (or ``a=1,b=2`` when several were swept together).
+    """
+    rows: dict[tuple[str, Any], list[float]] = {}
+    for record in records:
+        names = swept.get(record["method"])
+        if not names:
+            continue
+        if len(names) == 1:
+            label, setting = f"{record['method']} ({names[0]})", record["params"][names[0]]
+        else:
+            label = f"{record['method']} ({', '.join(names)})"
+            setting = ",".join(f"{n}={_short(record['params'][n])}" for n in names)
+        rows.setdefault((label, setting), []).append(record["average"])
+    return pd.DataFrame(
+        [{"label": label, "setting": setting, "mean": float(np.mean(v)),
+          "std": float(np.std(v, ddof=1)) if len(v) > 1 else np.nan, "seeds": len(v)}
+         for (label, setting), v in rows.items()]
+    )
+
+
+def _setting_order(settings: Iterable[Any]) -> list[Any]:
+    unique = list(dict.fromkeys(settings))
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in unique):
+        return sorted(unique)
+    return sorted(unique, key=str)
+
+
+def sweep_markdown(table: pd.DataFrame, title: str) -> str:
+    """Swept methods as rows, the values of their swept parameter as columns, cells mean ± std in %."""
+    if table.empty:
+        return f"### {title}\n\n(no records)\n"
+    settings = _setting_order(table["setting"])
+    lines = [f"### {title}", "", "| method (swept) | " + " | ".join(_short(s) for s in settings) + " |",
+             "|" + "|".join(["---"] * (len(settings) + 1)) + "|"]
+    for label, part in table.groupby("label", sort=True):
+        cells = {row.setting: format_cell(row.mean, row.std) for row in part.itertuples()}
+        lines.append(f"| {label} | " + " | ".join(cells.get(s, "–") for s in settings) + " |")
+    seeds = sorted(set(table["seeds"]))
+    lines += ["", f"Average accuracy in %, mean ± std over {'/'.join(map(str, seeds))} seed(s)."]
+    return "\n".join(lines) + "\n"

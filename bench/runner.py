@@ -21,16 +21,12 @@ import torch
 from tqdm.auto import tqdm
 
 from bench import registry
-from bench.errors import BenchError
+from bench.errors import BenchError, MethodNotApplicable
 from bench.measure import PeakMemory, PhaseTimer, environment, resolve_device
 from bench.problem import MergeContext, MergeProblem, PerTaskWeights, StateDict, check_compatible
 from bench.store import ResultsStore, config_hash, pack_correct
 
 REFERENCE_FOR_NORMALIZATION = "individual"
-
-
-class MethodNotApplicable(BenchError):
-    """Raised by a method that cannot run on the given suite; the job is skipped with this reason."""
 
 
 def default_cache_dir() -> Path:
@@ -65,6 +61,7 @@ class RunSummary:
     skipped_recorded: int = 0
     not_applicable: list[tuple[str, str]] = field(default_factory=list)
     suite_key: dict[str, Any] = field(default_factory=dict)
+    planned: list[str] = field(default_factory=list)  # config hashes of every job of this execution
 
 
 def resolve_method_names(names: Sequence[str]) -> list[str]:
@@ -89,20 +86,22 @@ def record_key(suite: str, suite_params: Any, method: registry.MethodSpec, param
     }
 
 
-Grid = Sequence[Mapping[str, Mapping[str, Any]]]
+Grid = Mapping[str, Sequence[Mapping[str, Any]]]  # method -> list of hyperparameter overrides (a sweep)
 
 
-def plan_jobs(config: RunConfig, suite_params: Any, grid: Grid = ({},)) -> list[Job]:
-    """Every (method, hyperparameters, seed) to run; ``grid`` adds per-point overrides (used by sweeps)."""
+def plan_jobs(config: RunConfig, suite_params: Any, grid: Grid | None = None) -> list[Job]:
+    """Every (method, hyperparameters, seed) to run; ``grid`` gives a method several points (sweeps)."""
+    grid = grid or {}
     names = resolve_method_names(config.methods)
-    for name in config.method_overrides:
+    for name in [*config.method_overrides, *grid]:
         if name not in names:
-            raise BenchError(f"--set {name}.…: method '{name}' is not among the selected methods ({', '.join(names)})")
+            raise BenchError(f"'{name}' has parameters set (--set/--param) but is not among the selected methods "
+                             f"({', '.join(names)}); add it to --methods")
     jobs = []
     for name in names:
         spec = registry.get_method(name)
-        for point in grid:
-            overrides = {**config.method_overrides.get(name, {}), **point.get(name, {})}
+        for point in grid.get(name, [{}]):
+            overrides = {**config.method_overrides.get(name, {}), **point}
             params = registry.build_params(name, spec.params, overrides)
             for seed in config.seeds:
                 jobs.append(Job(spec, params, seed, record_key(config.suite, suite_params, spec, params, seed)))
@@ -200,6 +199,7 @@ def run_job(
     reference: Mapping[str, float] | None,
     env: dict,
     progress: bool = False,
+    shared: dict | None = None,
 ) -> dict[str, Any]:
     seed_everything(job.seed)
     timer = PhaseTimer(device)
@@ -212,13 +212,18 @@ def run_job(
         device=device,
         generator=torch.Generator().manual_seed(job.seed),
         timer=timer,
+        progress=progress,
+        shared={} if shared is None else shared,
     )
     with timer.phase("merge"):
         merged = job.method.fn(ctx, job.params)
     timer.seconds["merge"] -= timer.seconds["adapt"]  # adapt is timed inside the method call
     with timer.phase("eval"):
         metrics = evaluate(problem, merged, device, progress)
-    return build_record(job, problem, metrics, reference, timer, memory.read(), env, ctx.notes)
+    record = build_record(job, problem, metrics, reference, timer, memory.read(), env, ctx.notes)
+    if "samples_per_task" in ctx.notes:  # what the method actually drew (a split may hold fewer than asked)
+        record["samples_per_task"] = ctx.notes["samples_per_task"]
+    return record
 
 
 def reference_accuracies(
@@ -249,7 +254,7 @@ def _normalize_reference(record: dict[str, Any]) -> dict[str, Any]:
 
 def execute(
     config: RunConfig,
-    grid: Grid = ({},),
+    grid: Grid | None = None,
     log: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
 ) -> RunSummary:
     """Run every planned job not yet recorded (with --resume) and write its record."""
@@ -260,7 +265,8 @@ def execute(
     if not config.seeds:
         raise BenchError("--seeds is empty; give at least one seed, e.g. --seeds 0")
     store = ResultsStore(config.results_dir)
-    summary = RunSummary(suite_key={"suite": config.suite, "suite_params": dataclasses.asdict(suite_params)})
+    summary = RunSummary(suite_key={"suite": config.suite, "suite_params": dataclasses.asdict(suite_params)},
+                         planned=[config_hash(job.key) for job in jobs])
     if config.resume:
         pending = [job for job in jobs if not store.has(job.key)]
         summary.skipped_recorded = len(jobs) - len(pending)
@@ -276,6 +282,7 @@ def execute(
     load_seconds = load_timer.seconds["load"]
     env = environment(device)
     references: dict[int, dict[str, float]] = {}
+    shared: dict = {}  # reused across jobs: task-vector stacks, cached teacher logits (see MergeContext.memo)
     written: set[str] = set()  # config hashes recorded by this execution (the reference row may come early)
 
     bar = tqdm(pending, desc="methods", unit="run", disable=not config.progress, file=sys.stderr)
@@ -295,7 +302,7 @@ def execute(
                     summary.computed.append(reference_record)
             reference = references[job.seed]
         try:
-            record = run_job(job, problem, device, load_seconds, reference, env, config.progress)
+            record = run_job(job, problem, device, load_seconds, reference, env, config.progress, shared)
         except MethodNotApplicable as reason:
             summary.not_applicable.append((job.method.name, str(reason)))
             log(f"skipped {job.method.name}: {reason}")

@@ -25,7 +25,8 @@ def run_cli(capsys, *argv):
         (["run", "--suite", "toy", "--methods", "ties", "--set", "ties.k"],
          "--set 'ties.k': write METHOD.PARAM=VALUE or suite.PARAM=VALUE, e.g. --set ties.k=10"),
         (["run", "--suite", "toy", "--methods", "ties", "--set", "task_arithmetic.scaling=1"],
-         "--set task_arithmetic.…: method 'task_arithmetic' is not among the selected methods (ties)"),
+         "'task_arithmetic' has parameters set (--set/--param) but is not among the selected methods (ties); "
+         "add it to --methods"),
         (["run", "--suite", "toy", "--methods", "ties", "--set", "suite.num_taks=2"],
          "unknown parameter of suite 'num_taks'; did you mean: num_tasks"),
         (["run", "--suite", "toy", "--methods", "ties", "--seeds", "0,x"],

@@ -72,5 +72,5 @@ def test_reference_defaults_from_methods_md():
     ties = defaults("ties")
     assert ties["k"] == 20 and ties["scaling"] == 0.3 and ties["trim_scope"] == "global"
     assert defaults("iso_cts")["common_space_fraction"] == 0.8
-    assert defaults("iso_c")["scaling"] == 1.0
-    assert defaults("tsv_m")["scaling"] == 1.0
+    assert defaults("iso_c")["alpha"] == 1.0
+    assert defaults("tsv_m")["alpha"] == 1.0

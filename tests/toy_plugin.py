@@ -54,8 +54,13 @@ class ToyProblem(MergeProblem):
 
     def unlabeled(self, task: str, n: int, seed: int) -> Tensor:
         source = self._test[task] if self.protocol == "transductive" else self._pool[task]
-        idx = torch.randint(len(source), (n,), generator=torch.Generator().manual_seed(seed))
-        return source[idx]
+        return source[torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:n]]
+
+    def linear_inputs(self, params: StateDict, task: str, inputs: Tensor) -> dict[str, Tensor]:
+        return {"w": inputs}
+
+    def unlabeled_size(self, task: str) -> int:
+        return 200
 
     def labeled(self, task: str, n: int, seed: int) -> tuple[Tensor, Tensor]:
         inputs = self._pool[task][torch.randperm(200, generator=torch.Generator().manual_seed(seed))[:n]]

@@ -1,0 +1,95 @@
+"""Shared machinery of the λ-optimising (test-time) methods: unlabeled batches and the Adam loop over λ."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from bench.problem import MergeContext, MergeProblem
+
+LossFn = Callable[[Tensor, int], Tensor]
+GradientFn = Callable[[Tensor, int], tuple[Tensor, Tensor]]
+
+
+class UnlabeledBatches:
+    """Per task, ``total`` draws in batches of ``batch_size`` from the protocol's adaptation split.
+
+    At most ``total`` distinct examples per task are drawn once (fewer when the split is smaller) and held in
+    host memory; batches walk through seeded reshuffles of that pool, epoch after epoch, and move to the device
+    one at a time (a pool of 1,600 CLIP-sized images per task would not fit a GPU eight times over).
+    """
+
+    def __init__(self, problem: MergeProblem, total: int, batch_size: int, seed: int, device: torch.device):
+        self.batch_size = batch_size
+        self.num_batches = -(-total // batch_size)
+        self.device = device
+        self.pool: dict[str, Tensor] = {}
+        self.order: dict[str, Tensor] = {}
+        generator = torch.Generator().manual_seed(seed)
+        for task in problem.tasks:
+            distinct = min(total, problem.unlabeled_size(task))
+            self.pool[task] = problem.unlabeled(task, distinct, seed)
+            epochs = -(-self.num_batches * batch_size // distinct)
+            self.order[task] = torch.cat([torch.randperm(distinct, generator=generator) for _ in range(epochs)])
+        self.distinct_per_task = min(len(pool) for pool in self.pool.values())
+
+    def batch(self, task: str, index: int) -> Tensor:
+        """Batch ``index`` (taken modulo the number of batches) of ``task``."""
+        start = (index % self.num_batches) * self.batch_size
+        return self.pool[task][self.order[task][start : start + self.batch_size]].to(self.device, non_blocking=True)
+
+
+def plain_gradient(loss_fn: LossFn) -> GradientFn:
+    def gradient(lambdas: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        loss = loss_fn(lambdas, step)
+        (grad,) = torch.autograd.grad(loss, lambdas)
+        return loss.detach(), grad
+
+    return gradient
+
+
+def optimise_lambdas(
+    ctx: MergeContext,
+    loss_fn: LossFn,
+    initial: Tensor,
+    *,
+    steps: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    clamp: tuple[float, float] | None = None,
+    gradient: GradientFn | None = None,
+    desc: str = "adapting",
+) -> Tensor:
+    """Adam on λ for ``steps`` steps; ``gradient`` (default: plain autograd of ``loss_fn``) gives each step's
+    (loss, gradient). Records seconds per step and the loss curve's ends in ``ctx.notes``."""
+    gradient = gradient or plain_gradient(loss_fn)
+    lambdas = initial.detach().clone().requires_grad_(True)
+    optimiser = torch.optim.Adam([lambdas], lr=lr, weight_decay=weight_decay)
+    losses = []
+    with ctx.adapt_phase():
+        begin = time.perf_counter()
+        for step in tqdm(range(steps), desc=desc, leave=False, file=sys.stderr, disable=not ctx.progress):
+            loss, grad = gradient(lambdas, step)
+            optimiser.zero_grad(set_to_none=True)
+            lambdas.grad = grad
+            optimiser.step()
+            if clamp is not None:
+                with torch.no_grad():
+                    lambdas.clamp_(*clamp)
+            losses.append(float(loss))
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize(ctx.device)
+        elapsed = time.perf_counter() - begin
+    ctx.notes["seconds_per_step"] = elapsed / steps
+    ctx.notes["loss_first"] = losses[0]
+    ctx.notes["loss_last"] = losses[-1]
+    ctx.notes["lambda_min"] = float(lambdas.detach().min())
+    ctx.notes["lambda_max"] = float(lambdas.detach().max())
+    ctx.notes["lambda_mean"] = float(lambdas.detach().mean())
+    ctx.notes["lambda_std"] = float(lambdas.detach().std()) if lambdas.numel() > 1 else 0.0
+    return lambdas.detach()
