@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from bench import registry
 from bench.errors import BenchError
@@ -135,15 +136,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from bench.report import write_reports
-    from bench.runner import RunConfig, execute
-    from bench.store import ResultsStore
+def run_config(args: argparse.Namespace, methods: list[str]) -> Any:
+    from bench.runner import RunConfig
 
     method_overrides, suite_overrides = parse_sets(args.set)
-    config = RunConfig(
+    return RunConfig(
         suite=args.suite,
-        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        methods=methods,
         seeds=parse_seeds(args.seeds),
         device=args.device,
         method_overrides=method_overrides,
@@ -153,6 +152,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         **({"cache_dir": Path(args.cache)} if args.cache else {}),
     )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bench.report import write_reports
+    from bench.runner import execute
+    from bench.store import ResultsStore
+
+    config = run_config(args, [m.strip() for m in args.methods.split(",") if m.strip()])
     if not config.methods:
         raise BenchError("--methods is empty; write --methods all or a comma list, e.g. --methods ties,task_arithmetic")
     summary = execute(config)
@@ -170,20 +177,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from bench.report import sweep_markdown, sweep_table
-    from bench.runner import RunConfig, execute
+    from bench.runner import execute
     from bench.store import ResultsStore
 
-    method_overrides, suite_overrides = parse_sets(args.set)
     grid = parse_grid(args.param)
     if not grid:
         raise BenchError("bench sweep needs at least one --param METHOD.PARAM=v1,v2,... (or start:stop:step)")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(grid)
-    config = RunConfig(
-        suite=args.suite, methods=methods, seeds=parse_seeds(args.seeds), device=args.device,
-        method_overrides=method_overrides, suite_overrides=suite_overrides, results_dir=Path(args.results),
-        resume=args.resume, progress=not args.no_progress,
-        **({"cache_dir": Path(args.cache)} if args.cache else {}),
-    )
+    config = run_config(args, methods)
+    suite_overrides = config.suite_overrides
     summary = execute(config, grid_points(grid))
     print(f"{len(summary.computed)} run(s) computed, {summary.skipped_recorded} already recorded; "
           f"records in {config.results_dir}/", file=sys.stderr)
@@ -217,6 +219,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_execution_args(parser: argparse.ArgumentParser, out_help: str) -> None:
+    """Flags shared by `run` and `sweep`."""
+    parser.add_argument("--suite", default="tiny8", help="suite name (default: tiny8)")
+    parser.add_argument("--seeds", default="0", help="comma list of seeds (default: 0)")
+    parser.add_argument("--device", default="auto", help="auto|cpu|cuda (default: auto)")
+    parser.add_argument("--set", action="append", default=[], metavar="OWNER.PARAM=VALUE",
+                        help="override a hyperparameter: METHOD.PARAM=VALUE or suite.PARAM=VALUE (repeatable)")
+    parser.add_argument("--results", default="results", help="results directory (default: results)")
+    parser.add_argument("--out", default="reports", help=f"{out_help} (default: reports)")
+    parser.add_argument("--cache", default=None,
+                        help="suite cache directory (default: $BENCH_CACHE or ~/.cache/merge-bench)")
+    parser.add_argument("--resume", action="store_true", help="skip configurations already recorded")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench", description="Benchmark model-merging methods on suites.")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
@@ -228,34 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_list.set_defaults(func=cmd_list)
 
     p_run = sub.add_parser("run", help="run methods on a suite and record the results")
-    p_run.add_argument("--suite", default="tiny8", help="suite name (default: tiny8)")
     p_run.add_argument("--methods", default="all", help="'all' or a comma list of method names")
-    p_run.add_argument("--seeds", default="0", help="comma list of seeds (default: 0)")
-    p_run.add_argument("--device", default="auto", help="auto|cpu|cuda (default: auto)")
-    p_run.add_argument("--set", action="append", default=[], metavar="OWNER.PARAM=VALUE",
-                       help="override a hyperparameter: METHOD.PARAM=VALUE or suite.PARAM=VALUE (repeatable)")
-    p_run.add_argument("--results", default="results", help="results directory (default: results)")
-    p_run.add_argument("--out", default="reports", help="where the leaderboard tables go (default: reports)")
-    p_run.add_argument("--cache", default=None,
-                       help="suite cache directory (default: $BENCH_CACHE or ~/.cache/merge-bench)")
-    p_run.add_argument("--resume", action="store_true", help="skip configurations already recorded")
-    p_run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_execution_args(p_run, "where the leaderboard tables go")
     p_run.set_defaults(func=cmd_run)
 
     p_sweep = sub.add_parser("sweep", help="run a grid over hyperparameters (records go to the same store)")
-    p_sweep.add_argument("--suite", default="tiny8", help="suite name (default: tiny8)")
     p_sweep.add_argument("--methods", default=None, help="comma list (default: the methods named by --param)")
     p_sweep.add_argument("--param", action="append", default=[], metavar="METHOD.PARAM=VALUES",
                          help="values v1,v2,... or an inclusive range start:stop:step (repeatable)")
-    p_sweep.add_argument("--seeds", default="0", help="comma list of seeds (default: 0)")
-    p_sweep.add_argument("--device", default="auto", help="auto|cpu|cuda (default: auto)")
-    p_sweep.add_argument("--set", action="append", default=[], metavar="OWNER.PARAM=VALUE",
-                         help="fixed override for every grid point: METHOD.PARAM=VALUE or suite.PARAM=VALUE")
-    p_sweep.add_argument("--results", default="results", help="results directory (default: results)")
-    p_sweep.add_argument("--out", default="reports", help="where the sweep table goes (default: reports)")
-    p_sweep.add_argument("--cache", default=None, help="suite cache directory")
-    p_sweep.add_argument("--resume", action="store_true", help="skip configurations already recorded")
-    p_sweep.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_execution_args(p_sweep, "where the sweep table goes")
     p_sweep.set_defaults(func=cmd_sweep)
 
     p_report = sub.add_parser("report", help="leaderboards from the results store")

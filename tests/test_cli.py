@@ -86,3 +86,45 @@ def test_console_script_entry_point(tmp_path):
     assert done.returncode == 2
     assert done.stderr.startswith("bench: error: unknown method 'nope'")
     assert "Traceback" not in done.stderr
+
+
+def test_grid_values():
+    from bench.cli import parse_grid_values
+
+    assert parse_grid_values("0:1:0.25") == ["0.0", "0.25", "0.5", "0.75", "1.0"]
+    assert parse_grid_values("0:0.3:0.1") == ["0.0", "0.1", "0.2", "0.3"]  # inclusive despite float error
+    assert parse_grid_values("1:5:2") == ["1", "3", "5"]
+    assert parse_grid_values("0.1, 0.7") == ["0.1", "0.7"]
+
+
+@pytest.mark.parametrize("value, message", [
+    ("1:0:0.1", "--param range '1:0:0.1': needs step > 0 and stop >= start"),
+    ("0:a:1", "--param range '0:a:1': write start:stop:step with numbers, e.g. 0:1:0.1"),
+])
+def test_bad_grid_values(capsys, tmp_path, value, message):
+    code, _, err = run_cli(capsys, "sweep", "--suite", "toy", "--param", f"task_arithmetic.scaling={value}",
+                           "--results", str(tmp_path))
+    assert code == 2 and err == f"bench: error: {message}\n"
+
+
+def test_sweep_end_to_end_with_resume(capsys, tmp_path):
+    argv = ["sweep", "--suite", "toy", "--param", "task_arithmetic.scaling=0:1:0.5", "--param",
+            "samerging.init=0,0.5", "--set", "samerging.num_batches=2", "--set", "samerging.epochs=2",
+            "--seeds", "0,1", "--results", str(tmp_path / "results"), "--out", str(tmp_path / "reports"),
+            "--no-progress"]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    # 3 TA points + 2 SAMerging points, 2 seeds each, plus the individual reference per seed
+    assert len(list((tmp_path / "results").rglob("*.json"))) == 12
+    assert "12 run(s) computed, 0 already recorded" in err
+    lines = out.splitlines()
+    assert lines[2] == "| method (swept) | 0 | 0.5 | 1 |"
+    assert lines[4].startswith("| samerging (init) | ") and lines[4].endswith(" | – |")
+    assert lines[5].startswith("| task_arithmetic (scaling) | 29.7 ± 0.0 | ")  # λ = 0 is the pretrained model
+    table = (tmp_path / "reports" / "sweep_task_arithmetic.scaling_samerging.init.md").read_text()
+    assert table.strip() in out
+    before = {p: p.read_bytes() for p in (tmp_path / "results").rglob("*.json")}
+    code, out2, err2 = run_cli(capsys, *argv, "--resume")
+    assert code == 0 and "0 run(s) computed, 10 already recorded" in err2
+    assert out2 == out
+    assert {p: p.read_bytes() for p in (tmp_path / "results").rglob("*.json")} == before
