@@ -268,7 +268,9 @@ class PlainTaskVectors:
 
 
 def mergeable_keys(base: StateDict) -> list[str]:
-    return [key for key, tensor in base.items() if is_mergeable(tensor)]
+    """Mergeable keys in sorted order: random streams (DARE masks) are consumed in this order, so results must
+    not depend on a state dict's insertion order (safetensors, for one, does not preserve it across processes)."""
+    return sorted(key for key, tensor in base.items() if is_mergeable(tensor))
 
 
 def start_output(base: StateDict) -> StateDict:

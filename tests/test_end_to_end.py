@@ -59,5 +59,7 @@ def test_rerun_of_the_same_seed_gives_identical_numbers(tiny8_ci_run, tmp_path):
 def test_leaderboard_written(tiny8_ci_run):
     root, _, records = tiny8_ci_run
     md = (root / "reports" / "leaderboard_tiny8-size=ci.md").read_text()
-    for name in records:
-        assert f"| {name} |" in md
+    for name, record in records.items():
+        label = name if not record["variant"] else f"{name}(" + ",".join(
+            f"{k}={v}" for k, v in sorted(record["variant"].items())) + ")"
+        assert f"\n| {label} | " in md

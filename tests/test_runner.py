@@ -5,6 +5,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from bench.runner import RunConfig, execute
 
@@ -79,3 +80,19 @@ def test_killed_run_resumes_without_recomputing_or_losing_anything(tmp_path, plu
     assert all(after[p] == content for p, content in before.items()), "resume rewrote a finished record"
     recomputed = int(resumed.stderr.split(" run(s) computed")[0].split()[-1])
     assert recomputed == len(after) - len(before)
+
+
+def test_random_merges_do_not_depend_on_state_dict_order():
+    from methods.dare import dare_ta_merge, dare_ties_merge
+
+    g = torch.Generator().manual_seed(0)
+    base = {f"layer{i}.weight": torch.randn(8, 8, generator=g) for i in range(4)}
+    experts = [{k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+
+    def reverse(sd):
+        return dict(reversed(list(sd.items())))
+
+    for merge in (dare_ta_merge, lambda *a, **k: dare_ties_merge(*a, k=20.0, trim_scope="global", merge="sum", **k)):
+        one = merge(base, experts, p=0.5, rescale="inverse_keep", scaling=0.3, seed=7)
+        two = merge(reverse(base), [reverse(e) for e in experts], p=0.5, rescale="inverse_keep", scaling=0.3, seed=7)
+        assert all(torch.equal(one[k], two[k]) for k in base)
