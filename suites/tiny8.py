@@ -274,7 +274,7 @@ def blotches(generator: torch.Generator, n: int, size: int) -> Tensor:
 
 def _shape_on(generator: torch.Generator, style: str, shape: Tensor, cx: Tensor, cy: Tensor, radius: Tensor,
               size: int) -> Tensor:
-    """A shape on a task's background ``style``: light, gradient or grainy."""
+    """A shape on a task's background ``style``: light, gradient or muted."""
     n = shape.numel()
     coverage = shape_coverage(shape, cx, cy, radius, size)
     if style == "light":  # dark saturated shapes on pale backgrounds, like road signs
@@ -287,7 +287,7 @@ def _shape_on(generator: torch.Generator, style: str, shape: Tensor, cx: Tensor,
         return add_noise(paint(background, foreground, coverage), generator, 0.03)
     background = random_colour(generator, n, (0.2, 0.6), (0.2, 0.45))
     foreground = random_colour(generator, n, (0.3, 1.0), (0.8, 1.0))
-    return add_noise(paint(background, foreground, coverage), generator, 0.09)
+    return add_noise(paint(background, foreground, coverage), generator, 0.04)
 
 
 def draw_objects(generator: torch.Generator, labels: Tensor, size: int, canonical: bool) -> Tensor:
@@ -411,7 +411,7 @@ def draw_position(generator: torch.Generator, labels: Tensor, size: int, canonic
 
 
 def draw_sizes(generator: torch.Generator, labels: Tensor, size: int, canonical: bool) -> Tensor:
-    """``sizes``: a shape whose radius lies in the class's band, anywhere it fits, on a grainy background."""
+    """``sizes``: a shape whose radius lies in the class's band, anywhere it fits, on a muted background."""
     n = labels.numel()
     bands = torch.tensor(list(SIZE_BANDS.values()))
     low, high = bands[labels, 0], bands[labels, 1]
@@ -421,7 +421,7 @@ def draw_sizes(generator: torch.Generator, labels: Tensor, size: int, canonical:
     shape = _choice(generator, n, len(SHAPES))
     radius = low + (high - low) * torch.rand(n, generator=generator)
     cx, cy = _random_centre(generator, radius, size)
-    return _shape_on(generator, "grainy", shape, cx, cy, radius, size)
+    return _shape_on(generator, "muted", shape, cx, cy, radius, size)
 
 
 def place_glyphs(glyphs: Tensor, size: int, scale: Tensor, shift_x: Tensor, shift_y: Tensor,
@@ -465,7 +465,7 @@ def draw_noisy_digits(glyphs: Tensor, distractors: Tensor, generator: torch.Gene
     shift_x, shift_y = _uniform(generator, n, -1.0, 1.0), _uniform(generator, n, -1.0, 1.0)
     rotation = _uniform(generator, n, -0.1, 0.1)
     coverage = place_glyphs(glyphs, size, scale, shift_x, shift_y, rotation)
-    for side, distractor in zip((-1.0, 1.0), distractors):
+    for side, distractor in zip((-1.0, 1.0), distractors, strict=False):
         present = (torch.rand(n, generator=generator) < 0.5).float()
         offset = side * size * _uniform(generator, n, 0.72, 0.85)
         neighbour = place_glyphs(distractor, size, scale, shift_x + offset, shift_y, rotation)
@@ -475,7 +475,7 @@ def draw_noisy_digits(glyphs: Tensor, distractors: Tensor, generator: torch.Gene
     inverted = torch.rand(n, generator=generator) < 0.5
     background = torch.where(inverted[:, None], bright, dark)
     foreground = torch.where(inverted[:, None], dark, bright)
-    return add_noise(paint(background, foreground, coverage), generator, 0.07)
+    return add_noise(paint(background, foreground, coverage), generator, 0.05)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -53,7 +53,13 @@ def test_rerun_of_the_same_seed_gives_identical_numbers(tiny8_ci_run, tmp_path):
     for path in (tmp_path / "results").rglob("*.json"):
         record = json.loads(path.read_text())
         expected = records[record["method"]]
-        assert record["tasks"] == expected["tasks"], record["method"]
+        for task, entry in record["tasks"].items():
+            # predictions are bit-identical; the mean loss may differ in float32's last bits (BLAS reductions
+            # can depend on buffer alignment)
+            reference = expected["tasks"][task]
+            assert entry["correct"] == reference["correct"], (record["method"], task)
+            assert entry["accuracy"] == reference["accuracy"], (record["method"], task)
+            assert entry["loss"] == pytest.approx(reference["loss"], rel=1e-5), (record["method"], task)
 
 
 def test_leaderboard_written(tiny8_ci_run):
