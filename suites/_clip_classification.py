@@ -7,8 +7,9 @@ class embedding per class plus CLIP's logit scale) that is never merged:
 This module holds the parts that do not depend on where weights and data come from:
 
 - :class:`VisionTransformer`: a CLIP image encoder whose parameter names follow open_clip's
-  ``VisionTransformer`` (``conv1.weight``, ``class_embedding``, ``transformer.resblocks.{i}.attn.in_proj_weight``,
-  ...), so merge methods see the same tensor structure as on real CLIP;
+  ``VisionTransformer`` (``conv1.weight``, ``class_embedding``,
+  ``transformer.resblocks.{i}.attn.in_proj_weight``, ...), so merge methods see the same tensor structure as
+  on real CLIP;
 - :class:`ClipHead` and :func:`average_prompt_embeddings`: zero-shot heads from per-class "prompt" embeddings;
 - :class:`ClipClassificationProblem`: the :class:`~bench.problem.MergeProblem` (functional forward through
   ``torch.func.functional_call``, batched evaluation, seeded samplers for both adaptation protocols);
@@ -18,6 +19,7 @@ This module holds the parts that do not depend on where weights and data come fr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -25,8 +27,8 @@ import os
 import shutil
 import tempfile
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from bench.errors import BenchError
+from bench.errors import BenchError, unknown_name_error
 from bench.problem import MergeProblem, StateDict, TaskMetrics
 
 PROTOCOLS = ("transductive", "inductive")
@@ -45,9 +47,9 @@ SPLITS = ("train", "unlabeled", "validation", "test")
 CLIP_LOGIT_SCALE = math.log(100.0)  # CLIP's learned temperature ends at its clamp, exp(scale) = 100
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # The image encoder
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,9 @@ class VisionTransformerConfig:
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not a multiple of heads {self.heads}")
 
@@ -109,7 +113,11 @@ class ResidualAttentionBlock(nn.Module):
         activation: nn.Module = QuickGELU() if quick_gelu else nn.GELU()
         self.mlp = nn.Sequential(
             OrderedDict(
-                [("c_fc", nn.Linear(width, 4 * width)), ("gelu", activation), ("c_proj", nn.Linear(4 * width, width))]
+                [
+                    ("c_fc", nn.Linear(width, 4 * width)),
+                    ("gelu", activation),
+                    ("c_proj", nn.Linear(4 * width, width)),
+                ]
             )
         )
 
@@ -121,7 +129,9 @@ class ResidualAttentionBlock(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, quick_gelu: bool) -> None:
         super().__init__()
-        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers)])
+        self.resblocks = nn.ModuleList(
+            [ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers)]
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         for block in self.resblocks:
@@ -173,7 +183,9 @@ def init_vision_transformer_(model: VisionTransformer, generator: torch.Generato
         normal_(model.class_embedding, scale)
         normal_(model.positional_embedding, scale)
         normal_(model.proj, scale)
-        for norm in [model.ln_pre, model.ln_post] + [m for m in model.modules() if isinstance(m, nn.LayerNorm)]:
+        for norm in [model.ln_pre, model.ln_post] + [
+            m for m in model.modules() if isinstance(m, nn.LayerNorm)
+        ]:
             norm.weight.fill_(1.0)
             norm.bias.zero_()
         for block in model.transformer.resblocks:
@@ -187,14 +199,14 @@ def init_vision_transformer_(model: VisionTransformer, generator: torch.Generato
             block.mlp.c_proj.bias.zero_()
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Heads and data
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class ClipHead:
-    """A frozen zero-shot classifier: unit-norm class embeddings ``[num_classes, embed_dim]`` and a logit scale."""
+    """A frozen zero-shot classifier: unit-norm class embeddings [num_classes, embed_dim], a logit scale."""
 
     class_embeddings: Tensor
     logit_scale: float = CLIP_LOGIT_SCALE
@@ -219,7 +231,7 @@ def average_prompt_embeddings(per_class: Sequence[Tensor]) -> Tensor:
 
 @dataclass(frozen=True)
 class DataSplit:
-    """Examples in a fixed order: stored images (any dtype; the problem's ``prepare`` makes inputs) and labels."""
+    """Examples in a fixed order: stored images (any dtype; ``prepare`` makes inputs) and labels."""
 
     images: Tensor
     labels: Tensor  # int64 [num_examples]
@@ -240,15 +252,27 @@ class TaskData:
     splits: Mapping[str, DataSplit]
 
 
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Cap torch's CPU threads at ``count`` inside the block (``None``: leave them alone)."""
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(min(previous, count))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def derived_seed(seed: int, *parts: str) -> int:
     """A stable 63-bit seed for (seed, parts): distinct streams per task and purpose, same across runs."""
     digest = hashlib.sha256(":".join([str(seed), *parts]).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # The merge problem
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 
 class ClipClassificationProblem(MergeProblem):
@@ -257,8 +281,10 @@ class ClipClassificationProblem(MergeProblem):
     ``encoder`` is a template module: its own weights are never used, every forward substitutes the given
     state dict with ``torch.func.functional_call`` (strictly, so a state dict missing a key fails loudly).
     ``prepare`` turns stored images into encoder inputs (e.g. uint8 -> normalised float); the samplers return
-    prepared inputs. Under the ``transductive`` protocol ``unlabeled`` draws from the test split (the published
-    AdaMerging protocol); under ``inductive`` it draws from the separate ``unlabeled`` split.
+    prepared inputs. Under the ``transductive`` protocol ``unlabeled`` draws from the test split (the
+    published AdaMerging protocol); under ``inductive`` it draws from the separate ``unlabeled`` split.
+    ``cpu_threads`` caps torch's threads while evaluating on the CPU: for tiny models on a shared machine,
+    OpenMP workers waiting on each other make a second thread ~50x slower instead of faster.
     """
 
     def __init__(
@@ -273,6 +299,7 @@ class ClipClassificationProblem(MergeProblem):
         protocol: str = "transductive",
         prepare: Callable[[Tensor], Tensor] | None = None,
         eval_batch_size: int = 512,
+        cpu_threads: int | None = None,
         facts: Mapping[str, Any] | None = None,
     ) -> None:
         if protocol not in PROTOCOLS:
@@ -281,8 +308,10 @@ class ClipClassificationProblem(MergeProblem):
             raise ValueError(f"tasks with heads {sorted(heads)} differ from tasks with data {sorted(data)}")
         for task, task_data in data.items():
             if len(task_data.class_names) != heads[task].num_classes:
-                raise ValueError(f"task '{task}' has {len(task_data.class_names)} class names for "
-                                 f"{heads[task].num_classes} class embeddings")
+                raise ValueError(
+                    f"task '{task}' has {len(task_data.class_names)} class names for "
+                    f"{heads[task].num_classes} class embeddings"
+                )
         self.name = name
         self.tasks = list(data)
         self.protocol = protocol
@@ -293,6 +322,7 @@ class ClipClassificationProblem(MergeProblem):
         self.data = dict(data)
         self._prepare = prepare or (lambda images: images)
         self.eval_batch_size = eval_batch_size
+        self.cpu_threads = cpu_threads
         self._facts = dict(facts or {})
 
     # -- weights --------------------------------------------------------------------------------------------
@@ -307,7 +337,7 @@ class ClipClassificationProblem(MergeProblem):
     # -- forward --------------------------------------------------------------------------------------------
 
     def embed(self, params: StateDict, inputs: Tensor) -> Tensor:
-        """Image embeddings of ``inputs`` under ``params`` (inputs move to the parameters' device and dtype)."""
+        """Image embeddings of ``inputs`` under ``params`` (inputs move to the parameters' device, dtype)."""
         reference = next(iter(params.values()))
         inputs = inputs.to(device=reference.device, dtype=reference.dtype)
         return functional_call(self.encoder, params, (inputs,), strict=True)
@@ -321,7 +351,9 @@ class ClipClassificationProblem(MergeProblem):
     def split(self, task: str, split: str) -> DataSplit:
         self._check_task(task)
         if split not in self.data[task].splits:
-            raise BenchError(f"task '{task}' has no '{split}' split; it has {', '.join(self.data[task].splits)}")
+            raise BenchError(
+                f"task '{task}' has no '{split}' split; it has {', '.join(self.data[task].splits)}"
+            )
         return self.data[task].splits[split]
 
     def inputs(self, task: str, split: str) -> Tensor:
@@ -389,7 +421,8 @@ class ClipClassificationProblem(MergeProblem):
         split = self.split(task, "test")
         params = {key: value.to(device) for key, value in params.items()}
         correct_chunks, loss_sum = [], 0.0
-        with torch.no_grad():
+        on_cpu = torch.device(device).type == "cpu"
+        with torch_threads(self.cpu_threads if on_cpu else None), torch.no_grad():
             for start in range(0, len(split), self.eval_batch_size):
                 images = split.images[start : start + self.eval_batch_size]
                 labels = split.labels[start : start + self.eval_batch_size].to(device)
@@ -397,7 +430,9 @@ class ClipClassificationProblem(MergeProblem):
                 loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
                 correct_chunks.append((logits.argmax(dim=-1) == labels).cpu())
         correct = torch.cat(correct_chunks)
-        return TaskMetrics(accuracy=float(correct.float().mean()), loss=loss_sum / len(split), correct=correct)
+        return TaskMetrics(
+            accuracy=float(correct.float().mean()), loss=loss_sum / len(split), correct=correct
+        )
 
     def describe(self) -> dict:
         return {
@@ -414,27 +449,27 @@ class ClipClassificationProblem(MergeProblem):
 
     def _check_task(self, task: str) -> None:
         if task not in self.heads:
-            from bench.errors import unknown_name_error
-
             raise unknown_name_error(f"task of suite {self.name}", task, self.tasks)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Checksummed artefact directories (the build cache)
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 MANIFEST = "manifest.json"
 
 
 class CorruptArtifacts(Exception):
-    """A cache directory is missing, incomplete or fails its checksums; the message says which file and why."""
+    """A cache directory is missing, incomplete or fails its checksums; the message says which file, why."""
 
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_artifacts(directory: Path, files: Mapping[str, Mapping[str, Tensor]], metadata: Mapping[str, Any]) -> None:
+def write_artifacts(
+    directory: Path, files: Mapping[str, Mapping[str, Tensor]], metadata: Mapping[str, Any]
+) -> None:
     """Write ``files`` (file name -> tensors) as safetensors plus a manifest, atomically at ``directory``.
 
     Everything is written into a temporary sibling directory that is renamed into place last, so a reader
@@ -458,7 +493,7 @@ def write_artifacts(directory: Path, files: Mapping[str, Mapping[str, Tensor]], 
                 read_manifest(directory)
                 return
             except CorruptArtifacts:
-                _remove_aside(directory)
+                remove_artifacts(directory)
                 os.rename(staging, directory)
     finally:
         if staging.exists():
@@ -471,7 +506,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def read_artifacts(directory: Path, *, load: bool = True) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
+def read_artifacts(
+    directory: Path, *, load: bool = True
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
     """Verify and load a directory written by :func:`write_artifacts`: (file name -> tensors, manifest)."""
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
@@ -498,8 +535,8 @@ def read_artifacts(directory: Path, *, load: bool = True) -> tuple[dict[str, dic
     return files, manifest
 
 
-def _remove_aside(directory: Path) -> None:
-    """Delete ``directory`` by first renaming it away, so no reader ever sees it half-deleted."""
+def remove_artifacts(directory: Path) -> None:
+    """Delete an artefact directory by first renaming it away, so no reader ever sees it half-deleted."""
     if not directory.exists():
         return
     doomed = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
@@ -508,13 +545,3 @@ def _remove_aside(directory: Path) -> None:
     except OSError:
         pass
     shutil.rmtree(doomed, ignore_errors=True)
-
-
-def remove_artifacts(directory: Path) -> None:
-    """Remove a (corrupt) artefact directory safely."""
-    _remove_aside(directory)
-
-
-def config_dict(config: Any) -> dict[str, Any]:
-    """A dataclass config as a JSON-ready dict (for manifests and cache keys)."""
-    return asdict(config)

@@ -3,20 +3,24 @@
 Everything is built from ``build_seed`` without downloads: procedurally drawn 16x16 RGB images and
 scikit-learn's bundled ``load_digits()`` glyphs. The build mirrors how ``vit8`` came to be:
 
-1. *Pretraining*: a small CLIP-style ViT (open_clip parameter names) learns coarse, generic attributes of a
-   mixed procedural corpus (kind of scene, warm/cool/grey colour, which half the content is in, small/large).
-   None of these are the tasks' labels, so its features are generic but insufficient.
+1. *Pretraining*: a small CLIP-style ViT (open_clip parameter names) learns generic attributes of a mixed
+   procedural corpus: which of 96 random stroke and blob symbols is drawn (the ImageNet of this world) and
+   coarse kind of scene, warm/cool/grey tone, which half the content is in, small/large extent, over varied
+   backgrounds. None of these are the tasks' labels, so its features are generic but insufficient.
 2. *Zero-shot heads*: each class gets the normalised mean pretrained embedding of a few clean canonical
    renderings of it (white on black, centred): the analogue of encoding CLIP text prompts. Heads are frozen.
-3. *Experts*: the whole encoder is fine-tuned per task against its frozen head (as in the task-vectors papers).
+3. *Experts*: the whole encoder is fine-tuned per task against its frozen head (as in the task-vectors
+   papers).
 
-The eight heterogeneous tasks (class counts in brackets): ``digits`` (10, clean glyphs, the MNIST analogue),
-``noisy_digits`` (10, coloured, inverted, noisy glyphs with neighbour distractors, the SVHN analogue),
-``shapes`` (6), ``textures`` (8 stripe orientations and patterns, the DTD analogue), ``colours`` (8 hues),
-``counting`` (1-6 dots), ``position`` (3x3 grid cell) and ``sizes`` (4 size bands).
+The eight heterogeneous tasks, each with its own look as the real datasets have (class counts in brackets):
+``digits`` (10, clean grey glyphs, the MNIST analogue), ``noisy_digits`` (10, coloured, often inverted, noisy
+glyphs with neighbours cut by the border, the SVHN analogue), ``shapes`` (6, dark on pale, GTSRB-like),
+``textures`` (8 stripe orientations and patterns, the DTD analogue), ``colours`` (8 hues of full-frame blotchy
+terrain, the EuroSAT analogue), ``counting`` (1-6 dots on a night sky), ``position`` (3x3 grid cell of a small
+shape on a gradient) and ``sizes`` (4 size bands of a shape on a muted background).
 
-Artefacts are cached under ``cache_dir / "tiny8-<key>"`` (safetensors + a manifest of sha256 checksums, written
-atomically); a corrupt cache is rebuilt with a one-line warning.
+Artefacts are cached under ``cache_dir / "tiny8-<key>"`` (safetensors + a manifest of sha256 checksums,
+written atomically); a corrupt cache is rebuilt with a one-line warning on stderr.
 """
 
 from __future__ import annotations
@@ -53,13 +57,23 @@ from suites._clip_classification import (
     init_vision_transformer_,
     read_artifacts,
     remove_artifacts,
+    torch_threads,
     write_artifacts,
 )
 
 BUILD_VERSION = 1  # bump whenever a change alters built weights or data, so old caches are not reused
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")
-TEXTURES = ("horizontal", "diagonal_rising", "vertical", "diagonal_falling", "checkered", "dotted", "grid", "blotchy")
+TEXTURES = (
+    "horizontal",
+    "diagonal_rising",
+    "vertical",
+    "diagonal_falling",
+    "checkered",
+    "dotted",
+    "grid",
+    "blotchy",
+)
 HUES = {  # class name -> hue in degrees
     "red": 0.0,
     "orange": 30.0,
@@ -72,7 +86,15 @@ HUES = {  # class name -> hue in degrees
 }
 COUNTS = ("one", "two", "three", "four", "five", "six")
 POSITIONS = (
-    "top_left", "top", "top_right", "left", "centre", "right", "bottom_left", "bottom", "bottom_right",
+    "top_left",
+    "top",
+    "top_right",
+    "left",
+    "centre",
+    "right",
+    "bottom_left",
+    "bottom",
+    "bottom_right",
 )
 SIZE_BANDS = {"tiny": (1.4, 2.1), "small": (2.7, 3.4), "medium": (4.0, 4.7), "large": (5.4, 6.3)}  # radii, px
 DIGITS = tuple(str(d) for d in range(10))
@@ -139,18 +161,44 @@ class SizePreset:
 
 PRESETS: dict[str, SizePreset] = {
     "full": SizePreset(
-        image_size=16, patch_size=4, width=64, layers=4, heads=4, embed_dim=64,
-        train_per_task=2000, unlabeled_per_task=400, validation_per_task=200, test_per_task=400,
+        image_size=16,
+        patch_size=4,
+        width=64,
+        layers=3,
+        heads=4,
+        embed_dim=64,
+        train_per_task=2000,
+        unlabeled_per_task=400,
+        validation_per_task=200,
+        test_per_task=400,
         prompts_per_class=8,
-        pretrain_examples=12000, pretrain_steps=1200, pretrain_batch=256, pretrain_lr=1e-3,
-        finetune_steps=200, finetune_batch=128, finetune_lr=3e-4,
+        pretrain_examples=48000,
+        pretrain_steps=2400,
+        pretrain_batch=256,
+        pretrain_lr=1e-3,
+        finetune_steps=200,
+        finetune_batch=128,
+        finetune_lr=1e-3,
     ),
     "ci": SizePreset(
-        image_size=16, patch_size=4, width=32, layers=2, heads=2, embed_dim=32,
-        train_per_task=500, unlabeled_per_task=100, validation_per_task=100, test_per_task=200,
+        image_size=16,
+        patch_size=4,
+        width=32,
+        layers=2,
+        heads=2,
+        embed_dim=32,
+        train_per_task=500,
+        unlabeled_per_task=100,
+        validation_per_task=100,
+        test_per_task=200,
         prompts_per_class=4,
-        pretrain_examples=3000, pretrain_steps=300, pretrain_batch=128, pretrain_lr=2e-3,
-        finetune_steps=80, finetune_batch=64, finetune_lr=1e-3,
+        pretrain_examples=6000,
+        pretrain_steps=600,
+        pretrain_batch=128,
+        pretrain_lr=2e-3,
+        finetune_steps=120,
+        finetune_batch=64,
+        finetune_lr=2e-3,
     ),
 }
 
@@ -159,16 +207,20 @@ PRESETS: dict[str, SizePreset] = {
 class Tiny8Params:
     """Build parameters of ``tiny8``."""
 
-    size: str = param("full", "preset of model, data and training sizes ('ci': a faster, weaker build)",
-                      choices=tuple(PRESETS))
+    size: str = param(
+        "full",
+        "preset of model, data and training sizes ('ci': a faster, weaker build)",
+        choices=tuple(PRESETS),
+    )
     build_seed: int = param(0, "seeds the whole build: data, pretraining, heads and experts", low=0)
-    protocol: str = param("transductive", "where unlabeled() draws from: the test split or a disjoint one",
-                          choices=PROTOCOLS)
+    protocol: str = param(
+        "transductive", "where unlabeled() draws from: the test split or a disjoint one", choices=PROTOCOLS
+    )
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Drawing: every function takes explicit generators and returns float images in [0, 1], [n, 3, size, size]
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 
 def _uniform(generator: torch.Generator, n: int, low: float, high: float) -> Tensor:
@@ -187,7 +239,7 @@ def _pixel_grid(size: int) -> tuple[Tensor, Tensor]:
 
 
 def _edge(signed_inside: Tensor) -> Tensor:
-    """Coverage from a distance-like quantity that is positive inside: a one-pixel linear ramp (antialiasing)."""
+    """Coverage from a distance-like quantity, positive inside: a one-pixel linear ramp (antialiasing)."""
     return (signed_inside + 0.5).clamp(0.0, 1.0)
 
 
@@ -204,7 +256,8 @@ def shape_coverage(kind: Tensor, cx: Tensor, cy: Tensor, radius: Tensor, size: i
             _edge(0.85 * r - torch.maximum(dx, dy.abs())),
             torch.minimum(_edge(0.75 * r - dy), _edge(0.6 * (dy + 1.1 * r) - dx)),
             torch.maximum(
-                torch.minimum(_edge(arm - dx), _edge(r - dy.abs())), torch.minimum(_edge(arm - dy.abs()), _edge(r - dx))
+                torch.minimum(_edge(arm - dx), _edge(r - dy.abs())),
+                torch.minimum(_edge(arm - dy.abs()), _edge(r - dx)),
             ),
             torch.minimum(_edge(r - distance), _edge(distance - 0.5 * r)),
             _edge(1.2 * r - (dx + dy.abs())),
@@ -220,14 +273,18 @@ def hsv_to_rgb(hue: Tensor, saturation: Tensor, value: Tensor) -> Tensor:
     return value[:, None] * (1.0 - saturation[:, None] * ramp)
 
 
-def random_colour(generator: torch.Generator, n: int, saturation: tuple[float, float],
-                  value: tuple[float, float]) -> Tensor:
-    return hsv_to_rgb(torch.rand(n, generator=generator), _uniform(generator, n, *saturation),
-                      _uniform(generator, n, *value))
+def random_colour(
+    generator: torch.Generator, n: int, saturation: tuple[float, float], value: tuple[float, float]
+) -> Tensor:
+    return hsv_to_rgb(
+        torch.rand(n, generator=generator),
+        _uniform(generator, n, *saturation),
+        _uniform(generator, n, *value),
+    )
 
 
 def paint(background: Tensor, foreground: Tensor, coverage: Tensor) -> Tensor:
-    """Blend a background (colours [n, 3] or images [n, 3, H, W]) with foreground colours [n, 3] by coverage."""
+    """Blend a background (colours [n, 3] or images [n, 3, H, W]) with foreground colours by coverage."""
     if background.dim() == 2:
         background = background[:, :, None, None]
     coverage = coverage[:, None]
@@ -272,8 +329,9 @@ def blotches(generator: torch.Generator, n: int, size: int) -> Tensor:
 # "prompts" of all tasks share one neutral look instead (white on black, centred).
 
 
-def _shape_on(generator: torch.Generator, style: str, shape: Tensor, cx: Tensor, cy: Tensor, radius: Tensor,
-              size: int) -> Tensor:
+def _shape_on(
+    generator: torch.Generator, style: str, shape: Tensor, cx: Tensor, cy: Tensor, radius: Tensor, size: int
+) -> Tensor:
     """A shape on a task's background ``style``: light, gradient or muted."""
     n = shape.numel()
     coverage = shape_coverage(shape, cx, cy, radius, size)
@@ -326,7 +384,9 @@ def texture_pattern(kind: Tensor, generator: torch.Generator, size: int, canonic
     grid = torch.maximum(torch.sigmoid(6.0 * (torch.cos(u) - 0.7)), torch.sigmoid(6.0 * (torch.cos(v) - 0.7)))
     if canonical:
         coarse = torch.arange(16, dtype=torch.float32).remainder(3).div(2).view(1, 1, 4, 4).expand(n, 1, 4, 4)
-        blotchy = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)[:, 0].clamp(0, 1)
+        blotchy = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)[:, 0].clamp(
+            0, 1
+        )
     else:
         blotchy = blotches(generator, n, size)
     patterns = torch.stack([stripes, stripes, stripes, stripes, checkered, dotted, grid, blotchy])
@@ -389,8 +449,16 @@ def draw_counting(generator: torch.Generator, labels: Tensor, size: int, canonic
     coverage = dots_coverage(generator, labels + 1, size, canonical)
     if canonical:
         return paint(*_canonical_colours(n), coverage)
-    sky = hsv_to_rgb(_uniform(generator, n, 0.55, 0.72), _uniform(generator, n, 0.4, 0.9), _uniform(generator, n, 0.1, 0.35))
-    stars = hsv_to_rgb(_uniform(generator, n, 0.08, 0.17), _uniform(generator, n, 0.0, 0.6), _uniform(generator, n, 0.85, 1.0))
+    sky = hsv_to_rgb(
+        _uniform(generator, n, 0.55, 0.72),
+        _uniform(generator, n, 0.4, 0.9),
+        _uniform(generator, n, 0.1, 0.35),
+    )
+    stars = hsv_to_rgb(
+        _uniform(generator, n, 0.08, 0.17),
+        _uniform(generator, n, 0.0, 0.6),
+        _uniform(generator, n, 0.85, 1.0),
+    )
     return add_noise(paint(sky, stars, coverage), generator, 0.03)
 
 
@@ -424,8 +492,9 @@ def draw_sizes(generator: torch.Generator, labels: Tensor, size: int, canonical:
     return _shape_on(generator, "muted", shape, cx, cy, radius, size)
 
 
-def place_glyphs(glyphs: Tensor, size: int, scale: Tensor, shift_x: Tensor, shift_y: Tensor,
-                 rotation: Tensor) -> Tensor:
+def place_glyphs(
+    glyphs: Tensor, size: int, scale: Tensor, shift_x: Tensor, shift_y: Tensor, rotation: Tensor
+) -> Tensor:
     """Warp 8x8 glyphs [n, 8, 8] in [0, 1] onto [n, size, size]; shifts are in pixels of the output."""
     n = glyphs.shape[0]
     fill = 0.78  # fraction of the image an unscaled glyph spans
@@ -440,7 +509,9 @@ def place_glyphs(glyphs: Tensor, size: int, scale: Tensor, shift_x: Tensor, shif
         dim=1,
     )
     grid = F.affine_grid(theta, [n, 1, size, size], align_corners=False)
-    return F.grid_sample(glyphs[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
+    return F.grid_sample(glyphs[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[
+        :, 0
+    ]
 
 
 def draw_digits(glyphs: Tensor, generator: torch.Generator, size: int, canonical: bool) -> Tensor:
@@ -450,8 +521,12 @@ def draw_digits(glyphs: Tensor, generator: torch.Generator, size: int, canonical
         zero = torch.zeros(n)
         return paint(*_canonical_colours(n), place_glyphs(glyphs, size, torch.ones(n), zero, zero, zero))
     coverage = place_glyphs(
-        glyphs, size, _uniform(generator, n, 0.95, 1.05), _uniform(generator, n, -0.75, 0.75),
-        _uniform(generator, n, -0.75, 0.75), _uniform(generator, n, -0.05, 0.05),
+        glyphs,
+        size,
+        _uniform(generator, n, 0.95, 1.05),
+        _uniform(generator, n, -0.75, 0.75),
+        _uniform(generator, n, -0.75, 0.75),
+        _uniform(generator, n, -0.05, 0.05),
     )
     background = random_colour(generator, n, (0.0, 0.1), (0.0, 0.15))
     foreground = random_colour(generator, n, (0.0, 0.1), (0.8, 1.0))
@@ -459,7 +534,7 @@ def draw_digits(glyphs: Tensor, generator: torch.Generator, size: int, canonical
 
 
 def draw_noisy_digits(glyphs: Tensor, distractors: Tensor, generator: torch.Generator, size: int) -> Tensor:
-    """``noisy_digits``: any colours (often inverted), neighbour glyphs cut by the border, noise (SVHN-like)."""
+    """``noisy_digits``: any colours (often inverted), neighbours cut by the border, noise (SVHN-like)."""
     n = glyphs.shape[0]
     scale = _uniform(generator, n, 0.9, 1.05)
     shift_x, shift_y = _uniform(generator, n, -1.0, 1.0), _uniform(generator, n, -1.0, 1.0)
@@ -478,9 +553,9 @@ def draw_noisy_digits(glyphs: Tensor, distractors: Tensor, generator: torch.Gene
     return add_noise(paint(background, foreground, coverage), generator, 0.05)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Datasets
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 
 def to_uint8(images: Tensor) -> Tensor:
@@ -499,7 +574,9 @@ def load_digit_pools(build_seed: int) -> dict[str, tuple[Tensor, Tensor]]:
     bunch = load_digits()
     glyphs = torch.tensor(bunch.images, dtype=torch.float32) / 16.0
     labels = torch.tensor(bunch.target, dtype=torch.int64)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(derived_seed(build_seed, "pools")))
+    order = torch.randperm(
+        len(labels), generator=torch.Generator().manual_seed(derived_seed(build_seed, "pools"))
+    )
     pools, start = {}, 0
     for split in ("test", "validation", "unlabeled"):
         chosen = order[start : start + DIGIT_POOL_SIZES[split]]
@@ -515,9 +592,10 @@ def _cycle_indices(generator: torch.Generator, n: int, pool: int) -> Tensor:
     return repeats[:n]
 
 
-def make_task_split(task: str, n: int, generator: torch.Generator, size: int,
-                    digit_pool: tuple[Tensor, Tensor]) -> DataSplit:
-    """``n`` examples of ``task`` with balanced classes in random order."""
+def make_task_split(
+    task: str, n: int, generator: torch.Generator, size: int, digit_pool: tuple[Tensor, Tensor]
+) -> DataSplit:
+    """``n`` examples of ``task`` in random order: balanced classes, digits as their glyph pool has them."""
     num_classes = len(TASK_CLASSES[task])
     if task in ("digits", "noisy_digits"):
         glyphs, glyph_labels = digit_pool
@@ -543,8 +621,9 @@ DRAWERS: dict[str, Callable[[torch.Generator, Tensor, int, bool], Tensor]] = {
 }
 
 
-def make_prompts(task: str, prompts_per_class: int, size: int, digit_pool: tuple[Tensor, Tensor],
-                 build_seed: int) -> list[Tensor]:
+def make_prompts(
+    task: str, prompts_per_class: int, size: int, digit_pool: tuple[Tensor, Tensor], build_seed: int
+) -> list[Tensor]:
     """Per class, a batch of clean canonical renderings (the analogue of CLIP's prompt templates)."""
     generator = torch.Generator().manual_seed(derived_seed(build_seed, "prompts", task))
     prompts = []
@@ -560,7 +639,8 @@ def make_prompts(task: str, prompts_per_class: int, size: int, digit_pool: tuple
 
 
 # Pretraining corpus: generic scenes labelled with attributes that are none of the tasks' labels: which of a
-# set of random stroke symbols is drawn (the ImageNet of this world) and coarse kind, tone, place and extent.
+# set of random stroke and blob symbols is drawn (the ImageNet of this world) and coarse kind, tone, place
+# and extent.
 PRETRAIN_GROUPS = {"symbol": 96, "kind": 4, "tone": 3, "horizontal_half": 2, "vertical_half": 2, "extent": 2}
 IGNORE = -100
 
@@ -613,15 +693,20 @@ def make_pretraining_corpus(n: int, generator: torch.Generator, size: int) -> Pr
     symbol[symbol_scenes] = _cycle_indices(generator, len(symbol_scenes), len(symbols))
     count = len(symbol_scenes)
     coverage[symbol_scenes] = place_glyphs(
-        symbols[symbol[symbol_scenes]], size, _uniform(generator, count, 0.75, 1.1),
-        _uniform(generator, count, -2.0, 2.0), _uniform(generator, count, -2.0, 2.0),
+        symbols[symbol[symbol_scenes]],
+        size,
+        _uniform(generator, count, 0.75, 1.1),
+        _uniform(generator, count, -2.0, 2.0),
+        _uniform(generator, count, -2.0, 2.0),
         _uniform(generator, count, -0.15, 0.15),
     )
     radius = _uniform(generator, len(objects), 1.4, 6.4)
     cx, cy = _random_centre(generator, radius, size)
     coverage[objects] = shape_coverage(_choice(generator, len(objects), len(SHAPES)), cx, cy, radius, size)
     coverage[dots] = dots_coverage(generator, 1 + _choice(generator, len(dots), 8), size, canonical=False)
-    coverage[textures] = texture_pattern(_choice(generator, len(textures), len(TEXTURES)), generator, size, False)
+    coverage[textures] = texture_pattern(
+        _choice(generator, len(textures), len(TEXTURES)), generator, size, False
+    )
 
     # Varied looks (dark, pale, gradient, grainy) so the encoder's features cover every task's look.
     look = _choice(generator, n, 4)[:, None, None, None]
@@ -655,9 +740,9 @@ def make_pretraining_corpus(n: int, generator: torch.Generator, size: int) -> Pr
     return PretrainingCorpus(to_uint8(images), labels)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Training
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 
 def _batches(generator: torch.Generator, n: int, batch: int, steps: int) -> Iterator[Tensor]:
@@ -679,18 +764,25 @@ def pretrain(preset: SizePreset, build_seed: int, corpus: PretrainingCorpus, bar
     readout = nn.Linear(preset.embed_dim, sum(PRETRAIN_GROUPS.values()))
     with torch.no_grad():
         readout_generator = torch.Generator().manual_seed(derived_seed(build_seed, "readout"))
-        readout.weight.copy_(torch.randn(readout.weight.shape, generator=readout_generator) * preset.embed_dim**-0.5)
+        readout.weight.copy_(
+            torch.randn(readout.weight.shape, generator=readout_generator) * preset.embed_dim**-0.5
+        )
         readout.bias.zero_()
     parameters = list(encoder.parameters()) + list(readout.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=preset.pretrain_lr, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, preset.pretrain_lr, total_steps=preset.pretrain_steps,
-                                                   pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, preset.pretrain_lr, total_steps=preset.pretrain_steps, pct_start=0.1
+    )
     generator = torch.Generator().manual_seed(derived_seed(build_seed, "pretrain-batches"))
     encoder.train()
     for indices in _batches(generator, len(corpus.labels), preset.pretrain_batch, preset.pretrain_steps):
-        outputs = readout(encoder(prepare_images(corpus.images[indices]))).split(list(PRETRAIN_GROUPS.values()), 1)
+        outputs = readout(encoder(prepare_images(corpus.images[indices]))).split(
+            list(PRETRAIN_GROUPS.values()), 1
+        )
         labels = corpus.labels[indices]
-        loss = sum(F.cross_entropy(output, labels[:, g], ignore_index=IGNORE) for g, output in enumerate(outputs))
+        loss = sum(
+            F.cross_entropy(output, labels[:, g], ignore_index=IGNORE) for g, output in enumerate(outputs)
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -699,13 +791,21 @@ def pretrain(preset: SizePreset, build_seed: int, corpus: PretrainingCorpus, bar
     return encoder.eval()
 
 
-def finetune(pretrained: StateDict, preset: SizePreset, head: ClipHead, train: DataSplit, seed: int,
-             bar: tqdm) -> StateDict:
-    """Fine-tune the whole encoder on one task against its frozen head; returns the expert's state dict."""
+def finetune(
+    pretrained: StateDict, preset: SizePreset, head: ClipHead, train: DataSplit, seed: int, bar: tqdm
+) -> StateDict:
+    """Fine-tune the whole encoder on one task against its frozen head; returns the expert's state dict.
+
+    Adam with a short warm-up and cosine decay, as in the task-vectors recipe (without weight decay, which
+    would give every task vector a shared shrink-towards-zero component).
+    """
     encoder = VisionTransformer(preset.encoder_config())
     encoder.load_state_dict(pretrained)
     encoder.train()
-    optimizer = torch.optim.Adam(encoder.parameters(), lr=preset.finetune_lr)
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=preset.finetune_lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, preset.finetune_lr, total_steps=preset.finetune_steps, pct_start=0.1
+    )
     generator = torch.Generator().manual_seed(seed)
     for indices in _batches(generator, len(train), preset.finetune_batch, preset.finetune_steps):
         logits = head.logits(encoder(prepare_images(train.images[indices])))
@@ -713,13 +813,14 @@ def finetune(pretrained: StateDict, preset: SizePreset, head: ClipHead, train: D
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        schedule.step()
         bar.update(1)
     return {key: value.detach().clone() for key, value in encoder.state_dict().items()}
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Build, cache, load
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 
 def cache_key(preset: SizePreset, build_seed: int) -> str:
@@ -727,8 +828,9 @@ def cache_key(preset: SizePreset, build_seed: int) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def build_artifacts(preset: SizePreset, build_seed: int, progress: bool) -> tuple[dict[str, dict[str, Tensor]],
-                                                                                 dict[str, Any]]:
+def build_artifacts(
+    preset: SizePreset, build_seed: int, progress: bool
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
     """Build everything from scratch: (file name -> tensors, manifest metadata)."""
     started = time.perf_counter()
     size = preset.image_size
@@ -744,7 +846,9 @@ def build_artifacts(preset: SizePreset, build_seed: int, progress: bool) -> tupl
 
     corpus_generator = torch.Generator().manual_seed(derived_seed(build_seed, "corpus"))
     corpus = make_pretraining_corpus(preset.pretrain_examples, corpus_generator, size)
-    with tqdm(total=preset.pretrain_steps, desc="tiny8: pretraining", disable=not progress, leave=False) as bar:
+    with tqdm(
+        total=preset.pretrain_steps, desc="tiny8: pretraining", disable=not progress, leave=False
+    ) as bar:
         encoder = pretrain(preset, build_seed, corpus, bar)
     pretrained = {key: value.detach().clone() for key, value in encoder.state_dict().items()}
 
@@ -759,8 +863,9 @@ def build_artifacts(preset: SizePreset, build_seed: int, progress: bool) -> tupl
     with tqdm(total=total, desc="tiny8: fine-tuning experts", disable=not progress, leave=False) as bar:
         for task in TASKS:
             seed = derived_seed(build_seed, "finetune", task)
-            files[f"expert-{task}.safetensors"] = finetune(pretrained, preset, heads[task], splits[task]["train"],
-                                                            seed, bar)
+            files[f"expert-{task}.safetensors"] = finetune(
+                pretrained, preset, heads[task], splits[task]["train"], seed, bar
+            )
     files["heads.safetensors"] = {
         **{f"{task}/class_embeddings": head.class_embeddings for task, head in heads.items()},
         **{f"{task}/logit_scale": torch.tensor(head.logit_scale) for task, head in heads.items()},
@@ -776,8 +881,9 @@ def build_artifacts(preset: SizePreset, build_seed: int, progress: bool) -> tupl
     return files, metadata
 
 
-def problem_from_artifacts(files: dict[str, dict[str, Tensor]], metadata: dict[str, Any], key: str,
-                           protocol: str) -> ClipClassificationProblem:
+def problem_from_artifacts(
+    files: dict[str, dict[str, Tensor]], metadata: dict[str, Any], key: str, protocol: str
+) -> ClipClassificationProblem:
     preset = SizePreset(**metadata["preset"])
     data_tensors, head_tensors = files["data.safetensors"], files["heads.safetensors"]
     experts = {task: files[f"expert-{task}.safetensors"] for task in TASKS}
@@ -785,7 +891,9 @@ def problem_from_artifacts(files: dict[str, dict[str, Tensor]], metadata: dict[s
         task: TaskData(
             class_names=TASK_CLASSES[task],
             splits={
-                split: DataSplit(data_tensors[f"{task}/{split}/images"], data_tensors[f"{task}/{split}/labels"])
+                split: DataSplit(
+                    data_tensors[f"{task}/{split}/images"], data_tensors[f"{task}/{split}/labels"]
+                )
                 for split in SPLITS
             },
         )
@@ -804,37 +912,62 @@ def problem_from_artifacts(files: dict[str, dict[str, Tensor]], metadata: dict[s
         data=data,
         protocol=protocol,
         prepare=prepare_images,
-        facts={"cache_key": key, "build_seed": metadata["build_seed"], "image_size": preset.image_size,
-               "build_seconds": metadata["build_seconds"]},
+        cpu_threads=1,
+        facts={
+            "cache_key": key,
+            "build_seed": metadata["build_seed"],
+            "image_size": preset.image_size,
+        },
     )
 
 
 def _check_metadata(metadata: dict[str, Any], preset: SizePreset, build_seed: int) -> None:
-    expected = {"suite": "tiny8", "build_version": BUILD_VERSION, "build_seed": build_seed, "preset": asdict(preset)}
+    expected = {
+        "suite": "tiny8",
+        "build_version": BUILD_VERSION,
+        "build_seed": build_seed,
+        "preset": asdict(preset),
+    }
     for name, value in expected.items():
         if metadata.get(name) != value:
             raise CorruptArtifacts(f"its manifest's {name} is {metadata.get(name)!r}, expected {value!r}")
 
 
-def load_or_build(cache_dir: Path, preset: SizePreset, build_seed: int, progress: bool) -> tuple[
-        dict[str, dict[str, Tensor]], dict[str, Any], str]:
-    """Verified cached artefacts, or a fresh build written to the cache (a bad cache gets one warning line)."""
+def load_or_build(
+    cache_dir: Path, preset: SizePreset, build_seed: int, progress: bool
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any], str]:
+    """Verified cached artefacts, or a fresh build written to the cache (a bad cache: one warning line)."""
     key = cache_key(preset, build_seed)
     directory = Path(cache_dir) / f"tiny8-{key}"
     if directory.exists():
         try:
             files, metadata = read_artifacts(directory)
             _check_metadata(metadata, preset, build_seed)
-            expected_files = {"pretrained.safetensors", "data.safetensors", "heads.safetensors",
-                              *(f"expert-{task}.safetensors" for task in TASKS)}
+            expected_files = {
+                "pretrained.safetensors",
+                "data.safetensors",
+                "heads.safetensors",
+                *(f"expert-{task}.safetensors" for task in TASKS),
+            }
             if missing := sorted(expected_files - set(files)):
                 raise CorruptArtifacts(f"its manifest lacks {missing[0]}")
             return files, metadata, key
         except CorruptArtifacts as problem:
             print(f"warning: tiny8 cache {directory} is unusable ({problem}); rebuilding it", file=sys.stderr)
             remove_artifacts(directory)
-    files, metadata = build_artifacts(preset, build_seed, progress)
-    write_artifacts(directory, files, metadata)
+    # One thread: the tiny matrices barely gain from a second one on an idle machine, while on a shared one
+    # OpenMP workers spin waiting for each other and training runs ~20x slower. It also keeps the built
+    # weights independent of the machine's core count.
+    with torch_threads(1):
+        files, metadata = build_artifacts(preset, build_seed, progress)
+    try:
+        write_artifacts(directory, files, metadata)
+    except OSError as error:  # still usable, only not cached: say so and go on
+        print(
+            f"warning: cannot write the tiny8 cache {directory} ({error.strerror or error}); "
+            "the next run will build it again",
+            file=sys.stderr,
+        )
     return files, metadata, key
 
 

@@ -1,4 +1,4 @@
-"""Tests of the embedded tiny8 suite and the shared CLIP-classification machinery, on the fast ``ci`` build."""
+"""Tests of the embedded tiny8 suite and the shared CLIP-classification machinery, on the ``ci`` build."""
 
 from __future__ import annotations
 
@@ -76,8 +76,9 @@ def test_build_seed_changes_the_build(problem: ClipClassificationProblem) -> Non
     assert tiny8.cache_key(tiny8.PRESETS["ci"], 0) != tiny8.cache_key(tiny8.PRESETS["ci"], 1)
 
 
-def test_cache_hit_loads_without_rebuilding(problem: ClipClassificationProblem, ci_cache: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_hit_loads_without_rebuilding(
+    problem: ClipClassificationProblem, ci_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def no_build(*args: object, **kwargs: object) -> None:
         raise AssertionError("a valid cache must not be rebuilt")
 
@@ -108,8 +109,12 @@ def _flip_byte(path: Path) -> None:
     ids=["truncated", "bad-checksum", "missing-file", "bad-json", "missing-manifest"],
 )
 def test_corrupt_cache_is_rebuilt_with_one_warning_line(
-    ci_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-    target: str, damage: object,
+    ci_cache: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    target: str,
+    damage: object,
 ) -> None:
     shutil.copytree(ci_cache, tmp_path, dirs_exist_ok=True)
     directory = cache_directory(tmp_path)
@@ -131,7 +136,9 @@ def test_corrupt_cache_is_rebuilt_with_one_warning_line(
     assert err.count("\n") == 1 and "tiny8 cache" in err and "rebuilding" in err and "Traceback" not in err
     read_artifacts(directory)  # the rewritten cache verifies again
     assert sorted(p.name for p in tmp_path.iterdir()) == [directory.name]  # no staging leftovers
-    assert problem.evaluate(problem.pretrained(), "digits", CPU).num_examples == len(problem.split("digits", "test"))
+    assert problem.evaluate(problem.pretrained(), "digits", CPU).num_examples == len(
+        problem.split("digits", "test")
+    )
     capsys.readouterr()
     build_ci(tmp_path)
     assert len(builds) == 1 and capsys.readouterr().err == ""
@@ -148,10 +155,19 @@ def test_manifest_lists_checksums_of_every_file(ci_cache: Path) -> None:
 def test_experts_share_the_pretrained_open_clip_structure(problem: ClipClassificationProblem) -> None:
     base = problem.pretrained()
     check_compatible(base, problem.experts(), problem.tasks)
-    for key in ["conv1.weight", "class_embedding", "positional_embedding", "ln_pre.weight", "proj",
-                "transformer.resblocks.0.attn.in_proj_weight", "transformer.resblocks.0.attn.out_proj.bias",
-                "transformer.resblocks.0.mlp.c_fc.weight", "transformer.resblocks.0.mlp.c_proj.weight",
-                "transformer.resblocks.0.ln_2.bias", "ln_post.weight"]:
+    for key in [
+        "conv1.weight",
+        "class_embedding",
+        "positional_embedding",
+        "ln_pre.weight",
+        "proj",
+        "transformer.resblocks.0.attn.in_proj_weight",
+        "transformer.resblocks.0.attn.out_proj.bias",
+        "transformer.resblocks.0.mlp.c_fc.weight",
+        "transformer.resblocks.0.mlp.c_proj.weight",
+        "transformer.resblocks.0.ln_2.bias",
+        "ln_post.weight",
+    ]:
         assert key in base
     width = base["class_embedding"].shape[0]
     assert base["transformer.resblocks.0.attn.in_proj_weight"].shape == (3 * width, width)
@@ -179,8 +195,14 @@ def test_evaluate_is_consistent(problem: ClipClassificationProblem) -> None:
     logits = problem.logits(problem.expert("colours"), "colours", problem.inputs("colours", "test"))
     assert torch.equal(metrics.correct, logits.argmax(dim=-1) == test.labels)  # the split's fixed order
     small_batches = ClipClassificationProblem(
-        name=problem.name, encoder=problem.encoder, pretrained=problem.pretrained(), expert_loader=problem.expert,
-        heads=problem.heads, data=problem.data, prepare=tiny8.prepare_images, eval_batch_size=7,
+        name=problem.name,
+        encoder=problem.encoder,
+        pretrained=problem.pretrained(),
+        expert_loader=problem.expert,
+        heads=problem.heads,
+        data=problem.data,
+        prepare=tiny8.prepare_images,
+        eval_batch_size=7,
     )
     again = small_batches.evaluate(problem.expert("colours"), "colours", CPU)
     assert torch.equal(again.correct, metrics.correct) and again.loss == pytest.approx(metrics.loss, rel=1e-5)
@@ -203,7 +225,9 @@ def _rows_in(rows: torch.Tensor, pool: torch.Tensor) -> bool:
     return bool((rows.flatten(1)[:, None] == pool.flatten(1)[None]).all(dim=-1).any(dim=1).all())
 
 
-def test_unlabeled_is_deterministic_per_seed_and_differs_across_seeds(problem: ClipClassificationProblem) -> None:
+def test_unlabeled_is_deterministic_per_seed_and_differs_across_seeds(
+    problem: ClipClassificationProblem,
+) -> None:
     first = problem.unlabeled("textures", 16, seed=5)
     assert first.dtype == torch.float32 and first.shape == (16, 3, 16, 16)
     assert torch.equal(first, problem.unlabeled("textures", 16, seed=5))
