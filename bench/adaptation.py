@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from bench.problem import MergeContext, MergeProblem
+from bench.problem import MergeContext, MergeProblem, StateDict
 
 LossFn = Callable[[Tensor, int], Tensor]
 GradientFn = Callable[[Tensor, int], tuple[Tensor, Tensor]]
@@ -93,3 +93,17 @@ def optimise_lambdas(
     ctx.notes["lambda_mean"] = float(lambdas.detach().mean())
     ctx.notes["lambda_std"] = float(lambdas.detach().std()) if lambdas.numel() > 1 else 0.0
     return lambdas.detach()
+
+
+def per_expert_statistics(
+    ctx: MergeContext, num_samples: int, statistic: Callable[[StateDict, str, Tensor], StateDict]
+) -> list[StateDict]:
+    """``statistic(expert, task, inputs)`` per task, on ``num_samples`` training inputs of the task and its expert
+    on the device (Fisher diagonals, Gram matrices); timed as the adapt phase, returned on the CPU, task order."""
+    results = []
+    for task in ctx.tasks:
+        inputs, _ = ctx.problem.labeled(task, num_samples, ctx.seed)
+        expert = {k: v.to(ctx.device) for k, v in ctx.problem.expert(task).items()}
+        with ctx.adapt_phase():
+            results.append({k: v.cpu() for k, v in statistic(expert, task, inputs).items()})
+    return results

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from bench.adaptation import per_expert_statistics
 from bench.problem import MergeContext, StateDict
 from bench.registry import param, register_method
 
@@ -69,15 +70,11 @@ def diagonal_fisher(
                  description="Fisher-weighted averaging with each expert's diagonal Fisher (sampled labels)")
 def merge(ctx: MergeContext, p: FisherParams) -> StateDict:
     problem = ctx.problem
-    experts, fishers = [], []
-    for task in problem.tasks:
-        inputs, _ = problem.labeled(task, p.num_samples, ctx.seed)
-        expert = {k: v.to(ctx.device) for k, v in problem.expert(task).items()}
 
-        def log_probs(params: StateDict, batch: Tensor, task: str = task) -> Tensor:
+    def fisher(expert: StateDict, task: str, inputs: Tensor) -> StateDict:
+        def log_probs(params: StateDict, batch: Tensor) -> Tensor:
             return torch.log_softmax(problem.logits(params, task, batch).float(), dim=-1)
 
-        with ctx.adapt_phase():
-            fishers.append({k: v.cpu() for k, v in diagonal_fisher(log_probs, expert, inputs, ctx.generator).items()})
-        experts.append(problem.expert(task))
-    return fisher_weighted_average(experts, fishers, p.floor)
+        return diagonal_fisher(log_probs, expert, inputs, ctx.generator)
+
+    return fisher_weighted_average(ctx.experts(), per_expert_statistics(ctx, p.num_samples, fisher), p.floor)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from bench.adaptation import per_expert_statistics
 from bench.problem import MergeContext, StateDict
 from bench.registry import param, register_method
 
@@ -61,12 +62,8 @@ def gram_matrices(inputs_per_key: Mapping[str, Tensor]) -> dict[str, Tensor]:
                  budget=lambda p: p.num_samples,
                  description="RegMean: closed-form least-squares merge of linear layers from input Gram matrices")
 def merge(ctx: MergeContext, p: RegMeanParams) -> StateDict:
-    problem = ctx.problem
-    experts, grams = [], []
-    for task in problem.tasks:
-        inputs, _ = problem.labeled(task, p.num_samples, ctx.seed)
-        expert = {k: v.to(ctx.device) for k, v in problem.expert(task).items()}
-        with ctx.adapt_phase(), torch.no_grad():
-            grams.append({k: v.cpu() for k, v in gram_matrices(problem.linear_inputs(expert, task, inputs)).items()})
-        experts.append(problem.expert(task))
-    return regmean_merge(experts, grams, p.alpha)
+    def grams(expert: StateDict, task: str, inputs: Tensor) -> StateDict:
+        with torch.no_grad():
+            return gram_matrices(ctx.problem.linear_inputs(expert, task, inputs))
+
+    return regmean_merge(ctx.experts(), per_expert_statistics(ctx, p.num_samples, grams), p.alpha)
