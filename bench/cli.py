@@ -123,16 +123,70 @@ def list_methods() -> str:
     return "\n".join(lines)
 
 
-def list_suites() -> str:
+def suite_readiness(spec: registry.SuiteSpec, cache_dir: Path, overrides: dict[str, str] | None = None) -> list[str]:
+    """What ``spec`` (at its default or the given parameters) still lacks in ``cache_dir``; empty when ready."""
+    return spec.missing(registry.build_params("suite", spec.params, overrides or {}), cache_dir)
+
+
+def _readiness_label(missing: list[str], spec: registry.SuiteSpec) -> str:
+    if spec.readiness is None:
+        return "ready: built offline on first use"
+    if not missing:
+        return "ready: all artefacts cached"
+    return f"not ready: {len(missing)} artefact(s) missing (`bench prepare {spec.name}`)"
+
+
+def list_suites(cache_dir: Path) -> str:
     lines = []
     for name, spec in sorted(registry.suites().items()):
-        lines.append(f"{name}  {spec.description}")
+        lines.append(f"{name}  [{_readiness_label(suite_readiness(spec, cache_dir), spec)}]  {spec.description}")
         lines += _param_lines(spec.params)
     return "\n".join(lines)
 
 
+def cache_dir_of(args: argparse.Namespace) -> Path:
+    from bench.runner import default_cache_dir
+
+    return Path(args.cache) if getattr(args, "cache", None) else default_cache_dir()
+
+
 def cmd_list(args: argparse.Namespace) -> int:
-    print(list_methods() if args.what == "methods" else list_suites())
+    print(list_methods() if args.what == "methods" else list_suites(cache_dir_of(args)))
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Which suites can run here (at their default parameters) and what each still lacks."""
+    cache_dir = cache_dir_of(args)
+    print(f"cache: {cache_dir}")
+    ready = 0
+    for name, spec in sorted(registry.suites().items()):
+        missing = suite_readiness(spec, cache_dir)
+        ready += not missing
+        print(f"{name}: {_readiness_label(missing, spec)}")
+        for line in missing:
+            print(f"    missing: {line}")
+    print(f"{ready} of {len(registry.suites())} suites ready here")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Download every checkpoint and dataset the suite needs into the cache (resumable, verified)."""
+    method_overrides, suite_overrides = parse_sets(args.set)
+    if method_overrides:
+        raise BenchError("bench prepare takes only --set suite.PARAM=VALUE (method parameters need no download)")
+    spec = registry.get_suite(args.suite)
+    params = registry.build_params("suite", spec.params, suite_overrides)
+    cache_dir = cache_dir_of(args)
+    if spec.prepare is None:
+        print(f"{spec.name} needs no download: it is built offline on first use")
+        return 0
+    spec.prepare(params, cache_dir, not args.no_progress)
+    missing = spec.missing(params, cache_dir)
+    if missing:
+        raise BenchError(f"prepare {spec.name} finished but {len(missing)} artefact(s) are still missing, "
+                         f"first: {missing[0]}; rerun `bench prepare {spec.name}` to resume")
+    print(f"{spec.name} is ready in {cache_dir}")
     return 0
 
 
@@ -140,6 +194,8 @@ def run_config(args: argparse.Namespace, methods: list[str]) -> Any:
     from bench.runner import RunConfig
 
     method_overrides, suite_overrides = parse_sets(args.set)
+    if args.trust_pickles:
+        suite_overrides["trust_pickles"] = "true"
     return RunConfig(
         suite=args.suite,
         methods=methods,
@@ -219,6 +275,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+CACHE_HELP = "suite cache directory (default: $BENCH_CACHE or ~/.cache/merge-bench)"
+
+
 def _add_execution_args(parser: argparse.ArgumentParser, out_help: str) -> None:
     """Flags shared by `run` and `sweep`."""
     parser.add_argument("--suite", default="tiny8", help="suite name (default: tiny8)")
@@ -228,10 +287,12 @@ def _add_execution_args(parser: argparse.ArgumentParser, out_help: str) -> None:
                         help="override a hyperparameter: METHOD.PARAM=VALUE or suite.PARAM=VALUE (repeatable)")
     parser.add_argument("--results", default="results", help="results directory (default: results)")
     parser.add_argument("--out", default="reports", help=f"{out_help} (default: reports)")
-    parser.add_argument("--cache", default=None,
-                        help="suite cache directory (default: $BENCH_CACHE or ~/.cache/merge-bench)")
+    parser.add_argument("--cache", default=None, help=CACHE_HELP)
     parser.add_argument("--resume", action="store_true", help="skip configurations already recorded")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--trust-pickles", action="store_true",
+                        help="allow loading checkpoints stored as Python pickles (the task_vectors experts); "
+                             "unpickling can run arbitrary code, so only for files you trust")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,7 +303,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_list = sub.add_parser("list", help="list registered methods or suites with their hyperparameters")
     p_list.add_argument("what", choices=("methods", "suites"))
+    p_list.add_argument("--cache", default=None, help=CACHE_HELP)
     p_list.set_defaults(func=cmd_list)
+
+    p_doctor = sub.add_parser("doctor", help="which suites are ready to run here and what each still lacks")
+    p_doctor.add_argument("--cache", default=None, help=CACHE_HELP)
+    p_doctor.set_defaults(func=cmd_doctor)
+
+    p_prepare = sub.add_parser("prepare", help="download a suite's checkpoints and datasets into the cache")
+    p_prepare.add_argument("suite", help="suite name")
+    p_prepare.add_argument("--set", action="append", default=[], metavar="suite.PARAM=VALUE",
+                           help="suite parameter (repeatable), e.g. --set suite.backbone=vit-b-16")
+    p_prepare.add_argument("--cache", default=None, help=CACHE_HELP)
+    p_prepare.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p_prepare.set_defaults(func=cmd_prepare)
 
     p_run = sub.add_parser("run", help="run methods on a suite and record the results")
     p_run.add_argument("--methods", default="all", help="'all' or a comma list of method names")
@@ -261,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_report.add_argument("--out", default="reports", help="output directory for tables (default: reports)")
     p_report.add_argument("--suite", default=None, help="only this suite")
     p_report.set_defaults(func=cmd_report)
+
     return parser
 
 

@@ -28,3 +28,17 @@ def unknown_name_error(kind: str, name: str, candidates: Iterable[str]) -> Bench
     matches = close_matches(name, candidates)
     hint = f"did you mean: {', '.join(matches)}?" if matches else f"known: {', '.join(candidates)}"
     return BenchError(f"unknown {kind} '{name}'; {hint}")
+
+
+class MissingArtifact(BenchError):
+    """A checkpoint or dataset a suite needs is not in the local cache (hub downloads are not attempted by runs)."""
+
+
+def missing_artifact_error(suite: str, artefact: str, cache_dir: object, prepare_args: str = "") -> MissingArtifact:
+    """``suite 'vit8' needs checkpoint openai/clip-vit-base-patch32, not in <cache>; on a connected machine run
+    `bench prepare vit8` (...)``: one line naming the artefact and the command that fetches it."""
+    command = f"bench prepare {suite}{(' ' + prepare_args) if prepare_args else ''}"
+    return MissingArtifact(
+        f"suite '{suite}' needs {artefact}, which is not in the cache {cache_dir}; "
+        f"run `{command}` on a machine with hub access (same --cache/BENCH_CACHE), then rerun"
+    )

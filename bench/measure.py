@@ -139,3 +139,15 @@ def environment(device: torch.device) -> dict:
     else:
         info["cpu"] = platform.processor() or platform.machine()
     return info
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Cap torch's CPU threads at ``count`` inside the block (``None``: leave them alone)."""
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(min(previous, count))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

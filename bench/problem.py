@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +47,9 @@ class MergeProblem(abc.ABC):
     name: str
     tasks: list[str]
     protocol: str = "transductive"
+    # Torch threads for a job on the CPU (None: torch's default). Tiny models run fastest on one thread, and
+    # multi-threaded torch slows down many-fold when another process holds a core.
+    cpu_threads: int | None = None
 
     @abc.abstractmethod
     def pretrained(self) -> StateDict:
@@ -62,6 +65,14 @@ class MergeProblem(abc.ABC):
     @abc.abstractmethod
     def logits(self, params: StateDict, task: str, inputs: Tensor) -> Tensor:
         """Functional forward of the merged model followed by ``task``'s fixed head."""
+
+    def logits_per_task(self, params: StateDict, batches: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Each task's logits on its own batch: ``{task: logits(params, task, batches[task])}``.
+
+        Suites whose tasks share the merged trunk and differ only in their heads override this to run the trunk
+        once over the concatenated batches: one forward (and backward) instead of K in the λ-optimising loops.
+        """
+        return {task: self.logits(params, task, inputs) for task, inputs in batches.items()}
 
     @abc.abstractmethod
     def unlabeled(self, task: str, n: int, seed: int) -> Tensor:

@@ -163,6 +163,13 @@ class SuiteSpec:
     params: type
     description: str
     fn: Callable[..., Any]
+    # readiness(params, cache_dir) -> one line per artefact still missing from the cache (empty: ready here).
+    readiness: Callable[[Any, Any], list[str]] | None = None
+    # prepare(params, cache_dir, progress): download and verify everything the suite needs (connected machine).
+    prepare: Callable[[Any, Any, bool], None] | None = None
+
+    def missing(self, params: Any, cache_dir: Any) -> list[str]:
+        return self.readiness(params, cache_dir) if self.readiness else []
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -194,14 +201,23 @@ def register_method(
 
 
 def register_suite(
-    name: str, *, description: str, params: type = NoParams
+    name: str,
+    *,
+    description: str,
+    params: type = NoParams,
+    readiness: Callable[[Any, Any], list[str]] | None = None,
+    prepare: Callable[[Any, Any, bool], None] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register ``fn(params, cache_dir, progress) -> MergeProblem`` under ``name``."""
+    """Register ``fn(params, cache_dir, progress) -> MergeProblem`` under ``name``.
+
+    Suites built offline need neither ``readiness`` nor ``prepare``; suites whose checkpoints or datasets come
+    from a hub give both (``bench doctor`` / ``bench list suites`` and ``bench prepare`` call them).
+    """
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in _SUITES and _SUITES[name].fn is not fn:
             raise ValueError(f"suite {name!r} registered twice")
-        _SUITES[name] = SuiteSpec(name, params, description, fn)
+        _SUITES[name] = SuiteSpec(name, params, description, fn, readiness, prepare)
         return fn
 
     return decorator

@@ -21,8 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from bench import registry
-from bench.errors import BenchError, MethodNotApplicable
-from bench.measure import PeakMemory, PhaseTimer, environment, resolve_device
+from bench.errors import BenchError, MethodNotApplicable, missing_artifact_error
+from bench.measure import PeakMemory, PhaseTimer, environment, resolve_device, torch_threads
 from bench.problem import MergeContext, MergeProblem, PerTaskWeights, StateDict, check_compatible
 from bench.store import ResultsStore, config_hash, pack_correct
 
@@ -122,8 +122,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def prepare_args(suite_overrides: Mapping[str, Any]) -> str:
+    """The ``--set suite.X=Y`` flags that reproduce these suite parameters on the ``bench prepare`` line."""
+    return " ".join(f"--set suite.{name}={value}" for name, value in sorted(suite_overrides.items()))
+
+
 def load_problem(config: RunConfig, suite_params: Any, timer: PhaseTimer) -> MergeProblem:
     spec = registry.get_suite(config.suite)
+    missing = spec.missing(suite_params, Path(config.cache_dir))
+    if missing:
+        raise missing_artifact_error(config.suite, missing[0] + (f" (and {len(missing) - 1} more)" if len(missing) > 1
+                                                                 else ""), config.cache_dir,
+                                     prepare_args(config.suite_overrides))
     with timer.phase("load"):
         problem = spec.fn(suite_params, Path(config.cache_dir), config.progress)
         check_compatible(problem.pretrained(), problem.experts(), problem.tasks)
@@ -215,11 +225,14 @@ def run_job(
         progress=progress,
         shared={} if shared is None else shared,
     )
-    with timer.phase("merge"):
-        merged = job.method.fn(ctx, job.params)
-    timer.seconds["merge"] -= timer.seconds["adapt"]  # adapt is timed inside the method call
-    with timer.phase("eval"):
-        metrics = evaluate(problem, merged, device, progress)
+    threads = problem.cpu_threads if device.type == "cpu" else None
+    with torch_threads(threads):
+        with timer.phase("merge"):
+            merged = job.method.fn(ctx, job.params)
+        timer.seconds["merge"] -= timer.seconds["adapt"]  # adapt is timed inside the method call
+        with timer.phase("eval"):
+            metrics = evaluate(problem, merged, device, progress)
+        env = {**env, "torch_threads": torch.get_num_threads()}
     record = build_record(job, problem, metrics, reference, timer, memory.read(), env, ctx.notes)
     if "samples_per_task" in ctx.notes:  # what the method actually drew (a split may hold fewer than asked)
         record["samples_per_task"] = ctx.notes["samples_per_task"]

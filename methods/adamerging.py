@@ -48,9 +48,8 @@ def adamerging(ctx: MergeContext, p: AdaMergingParams, granularity: str) -> Stat
     ctx.notes["samples_per_task"] = batches.distinct_per_task
 
     def loss_fn(lambdas: Tensor, step: int) -> Tensor:
-        params = stack.merge(lambdas)
-        losses = [entropy_loss(problem.logits(params, task, batches.batch(task, step))) for task in problem.tasks]
-        return torch.stack(losses).mean()
+        logits = problem.logits_per_task(stack.merge(lambdas), {t: batches.batch(t, step) for t in problem.tasks})
+        return torch.stack([entropy_loss(logits[task]) for task in problem.tasks]).mean()
 
     lambdas = optimise_lambdas(
         ctx,

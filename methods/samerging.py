@@ -113,15 +113,14 @@ def samerging(ctx: MergeContext, p: SAMergingParams, granularity: str) -> StateD
     stack = ctx.memo(("task_vectors", str(ctx.device)), lambda: TaskVectorStack(base, ctx.experts(), ctx.device))
 
     def loss_fn(lambdas: Tensor, step: int) -> Tensor:
-        params = stack.merge(lambdas)
         batch_index = step % batches.num_batches
-        losses = []
-        for task in problem.tasks:
-            student = problem.logits(params, task, batches.batch(task, batch_index))
-            if p.objective == "kl":
-                losses.append(distillation_loss(student, teacher_logits[task][batch_index], p.temperature))
-            else:
-                losses.append(entropy_loss(student))
+        students = problem.logits_per_task(stack.merge(lambdas),
+                                           {task: batches.batch(task, batch_index) for task in problem.tasks})
+        if p.objective == "kl":
+            losses = [distillation_loss(students[task], teacher_logits[task][batch_index], p.temperature)
+                      for task in problem.tasks]
+        else:
+            losses = [entropy_loss(students[task]) for task in problem.tasks]
         return torch.stack(losses).sum()
 
     def gradient(lambdas: Tensor, step: int) -> tuple[Tensor, Tensor]:

@@ -19,7 +19,6 @@ This module holds the parts that do not depend on where weights and data come fr
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -27,7 +26,7 @@ import os
 import shutil
 import tempfile
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from bench.errors import BenchError, unknown_name_error
+from bench.measure import torch_threads
 from bench.problem import MergeProblem, StateDict, TaskMetrics
 
 PROTOCOLS = ("transductive", "inductive")
@@ -252,18 +252,6 @@ class TaskData:
     splits: Mapping[str, DataSplit]
 
 
-@contextlib.contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    """Cap torch's CPU threads at ``count`` inside the block (``None``: leave them alone)."""
-    previous = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(min(previous, count))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def derived_seed(seed: int, *parts: str) -> int:
     """A stable 63-bit seed for (seed, parts): distinct streams per task and purpose, same across runs."""
     digest = hashlib.sha256(":".join([str(seed), *parts]).encode()).digest()
@@ -283,8 +271,9 @@ class ClipClassificationProblem(MergeProblem):
     ``prepare`` turns stored images into encoder inputs (e.g. uint8 -> normalised float); the samplers return
     prepared inputs. Under the ``transductive`` protocol ``unlabeled`` draws from the test split (the
     published AdaMerging protocol); under ``inductive`` it draws from the separate ``unlabeled`` split.
-    ``cpu_threads`` caps torch's threads while evaluating on the CPU: for tiny models on a shared machine,
-    OpenMP workers waiting on each other make a second thread ~50x slower instead of faster.
+    ``cpu_threads`` caps torch's threads on the CPU (the runner applies it to whole jobs, this class to
+    evaluation): for tiny models on a shared machine, OpenMP workers waiting on each other make a second thread
+    ~50x slower instead of faster.
     """
 
     def __init__(
@@ -345,6 +334,15 @@ class ClipClassificationProblem(MergeProblem):
     def logits(self, params: StateDict, task: str, inputs: Tensor) -> Tensor:
         self._check_task(task)
         return self.heads[task].logits(self.embed(params, inputs))
+
+    def logits_per_task(self, params: StateDict, batches: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """One encoder pass over all tasks' batches (the encoder is shared; only the heads differ per task)."""
+        for task in batches:
+            self._check_task(task)
+        embeddings = self.embed(params, torch.cat(list(batches.values())))
+        sizes = [len(inputs) for inputs in batches.values()]
+        return {task: self.heads[task].logits(part)
+                for task, part in zip(batches, embeddings.split(sizes), strict=True)}
 
     # -- data -----------------------------------------------------------------------------------------------
 

@@ -80,3 +80,27 @@ class ToyProblem(MergeProblem):
 @register_suite("toy", description="test-only linear suite", params=ToyParams)
 def build(params: ToyParams, cache_dir: Path, progress: bool) -> ToyProblem:
     return ToyProblem(params)
+
+
+# A toy suite that needs "downloaded" artefacts, to test readiness, `bench prepare`, `bench doctor` and the
+# missing-artefact error without a hub: prepare writes the files that `download` would have fetched.
+TOY_HUB_FILES = ("toy/base.pt", "toy/data.pt")
+
+
+def toy_hub_missing(params: ToyParams, cache_dir: Path) -> list[str]:
+    from suites._hub import is_complete
+
+    return [f"artefact {name}" for name in TOY_HUB_FILES if not is_complete(Path(cache_dir) / "toyhub" / name)]
+
+
+def toy_hub_prepare(params: ToyParams, cache_dir: Path, progress: bool) -> None:
+    from suites._hub import fetch
+
+    for name in TOY_HUB_FILES:
+        fetch(Path(cache_dir) / "toyhub" / name, lambda folder: (folder / "payload.bin").write_bytes(b"x" * 16))
+
+
+@register_suite("toyhub", description="test-only suite that needs prepared artefacts", params=ToyParams,
+                readiness=toy_hub_missing, prepare=toy_hub_prepare)
+def build_hub(params: ToyParams, cache_dir: Path, progress: bool) -> ToyProblem:
+    return ToyProblem(params)
