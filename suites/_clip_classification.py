@@ -387,7 +387,8 @@ class ClipClassificationProblem(MergeProblem):
         for name, module in self.encoder.named_modules():
             if isinstance(module, nn.Linear) and f"{name}.weight" in params:
                 handles.append(module.register_forward_pre_hook(capture(f"{name}.weight")))
-            elif isinstance(module, MultiheadSelfAttention) and f"{name}.in_proj_weight" in params:
+            elif (isinstance(module, (MultiheadSelfAttention, nn.MultiheadAttention))  # the latter: open_clip's
+                  and f"{name}.in_proj_weight" in params):
                 handles.append(module.register_forward_pre_hook(capture(f"{name}.in_proj_weight")))
         try:
             with torch.no_grad():

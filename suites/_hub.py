@@ -74,6 +74,12 @@ def is_complete(folder: Path, verify: bool = False) -> bool:
     return True
 
 
+def manifest_digest(folder: Path) -> str:
+    """A short digest of ``folder``'s manifest: changes whenever any of its files does (for derived-cache keys)."""
+    marker = Path(folder) / MARKER
+    return hashlib.sha256(marker.read_bytes()).hexdigest()[:16] if marker.is_file() else "unmarked"
+
+
 def require(folder: Path, suite: str, artefact: str, cache_dir: Path, prepare_args: str = "") -> Path:
     """``folder`` if it holds a finished download, else the one-line missing-artefact error."""
     if not is_complete(folder):

@@ -96,3 +96,22 @@ def test_random_merges_do_not_depend_on_state_dict_order():
         one = merge(base, experts, p=0.5, rescale="inverse_keep", scaling=0.3, seed=7)
         two = merge(reverse(base), [reverse(e) for e in experts], p=0.5, rescale="inverse_keep", scaling=0.3, seed=7)
         assert all(torch.equal(one[k], two[k]) for k in base)
+
+
+def test_problem_thread_policy_applies_to_the_job_and_is_restored(tmp_path, monkeypatch):
+    import toy_plugin
+
+    seen = []
+    original = toy_plugin.ToyProblem.evaluate
+
+    def spying_evaluate(self, params, task, device):
+        seen.append(torch.get_num_threads())
+        return original(self, params, task, device)
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(toy_plugin.ToyProblem, "cpu_threads", 1)
+    monkeypatch.setattr(toy_plugin.ToyProblem, "evaluate", spying_evaluate)
+    summary = execute(config(tmp_path, methods=["weight_averaging"]))
+    assert set(seen) == {1}
+    assert {r["environment"]["torch_threads"] for r in summary.computed} == {1}
+    assert torch.get_num_threads() == before

@@ -282,3 +282,19 @@ def test_is_a_merge_problem(problem: ClipClassificationProblem) -> None:
     facts = problem.describe()
     assert facts["num_classes"]["digits"] == 10 and facts["protocol"] == "transductive"
     json.dumps(facts)  # records must be able to store it
+
+
+def test_one_encoder_pass_for_all_tasks_matches_per_task_logits(problem: ClipClassificationProblem) -> None:
+    params = {k: v.clone().requires_grad_(True) for k, v in problem.pretrained().items()}
+    batches = {task: problem.unlabeled(task, 5 + i, seed=0) for i, task in enumerate(problem.tasks)}
+    together = problem.logits_per_task(params, batches)
+    assert list(together) == problem.tasks
+    for task, inputs in batches.items():
+        alone = problem.logits(params, task, inputs)
+        assert together[task].shape == (len(inputs), problem.heads[task].num_classes)
+        torch.testing.assert_close(together[task], alone, rtol=1e-5, atol=1e-5)
+    # gradients flow to the shared weights exactly as through the per-task passes
+    (grad_together,) = torch.autograd.grad(sum(v.sum() for v in together.values()), params["conv1.weight"])
+    alone_sum = sum(problem.logits(params, t, x).sum() for t, x in batches.items())
+    (grad_alone,) = torch.autograd.grad(alone_sum, params["conv1.weight"])
+    assert (grad_together - grad_alone).norm() <= 1e-4 * grad_alone.norm()  # float32 summation order only
