@@ -265,17 +265,71 @@ def cmd_report(args: argparse.Namespace) -> int:
     store = ResultsStore(args.results)
     if not store.root.is_dir():
         raise BenchError(f"no results directory '{args.results}'; run `bench run` first or pass --results DIR")
-    texts = write_reports(store.records(), Path(args.out), suite=args.suite)
+    records = list(store.records())
+    texts = write_reports(records, Path(args.out), suite=args.suite)
     if not texts:
         where = f" for suite '{args.suite}'" if args.suite else ""
         raise BenchError(f"no records{where} in '{args.results}'; run `bench run --suite ...` first")
     for text in texts.values():
         print(text)
-    print(f"tables written to {args.out}/", file=sys.stderr)
+    print(f"tables (Markdown, CSV, LaTeX) written to {args.out}/", file=sys.stderr)
+    if not args.no_figures:
+        from bench.figures import write_figures
+
+        figures = write_figures(records, Path(args.out), suite=args.suite)
+        for note in figures.skipped:
+            print(f"note: {note}", file=sys.stderr)
+        print(f"{len(figures.written)} figure file(s) (PNG, PDF) written to {args.out}/<suite>/", file=sys.stderr)
+    return 0
+
+
+def cmd_paper(args: argparse.Namespace) -> int:
+    from bench.paper import run_paper
+
+    outputs = run_paper(args.spec, results=args.results, out=args.out, figures=not args.no_figures,
+                        strict=args.strict)
+    for note in outputs.skipped:
+        print(f"note: {note}", file=sys.stderr)
+    for path in outputs.written:
+        print(path)
+    print(f"{len(outputs.written)} file(s) written, {len(outputs.skipped)} note(s)", file=sys.stderr)
     return 0
 
 
 CACHE_HELP = "suite cache directory (default: $BENCH_CACHE or ~/.cache/merge-bench)"
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from bench.check import compare_methods, format_comparison, load_results, select_suite
+
+    runs = select_suite(load_results(args.results), args.suite, args.results)
+    seeds = parse_seeds(args.seeds) if args.seeds else None
+    comparisons = compare_methods(runs, args.a, args.b, where=args.results, seeds=seeds)
+    print("\n".join(format_comparison(c) for c in comparisons), end="")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from bench.check import export_payload, load_results, select_suite, write_baseline
+    from bench.measure import git_commit
+
+    runs = select_suite(load_results(args.results), args.suite, args.results)
+    write_baseline(args.out, export_payload(runs, commit=git_commit(), source=str(args.results)))
+    suites = sorted({suite for suite, _ in runs})
+    print(f"baseline of {len(runs)} method(s) on {', '.join(suites)} "
+          f"({sum(len(seeds) for seeds in runs.values())} seed run(s)) written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from bench.check import check, format_check, load_baseline, load_results, select_suite
+
+    baseline = select_suite(load_baseline(args.baseline), args.suite, args.baseline)
+    current = select_suite(load_results(args.results), args.suite, args.results)
+    result = check(current, baseline, tolerance=args.tolerance, task_tolerance=args.task_tolerance,
+                   results_name=str(args.results), baseline_name=str(args.baseline))
+    print(format_check(result, str(args.baseline)), end="")
+    return 0 if result.passed else 1
 
 
 def _add_execution_args(parser: argparse.ArgumentParser, out_help: str) -> None:
@@ -334,8 +388,40 @@ def build_parser() -> argparse.ArgumentParser:
     p_report.add_argument("--results", default="results", help="results directory (default: results)")
     p_report.add_argument("--out", default="reports", help="output directory for tables (default: reports)")
     p_report.add_argument("--suite", default=None, help="only this suite")
+    p_report.add_argument("--no-figures", action="store_true", help="tables only (figures go to OUT/<suite>/)")
     p_report.set_defaults(func=cmd_report)
 
+    p_paper = sub.add_parser("paper", help="every table and figure a paper spec names, from the results store")
+    p_paper.add_argument("--spec", required=True, metavar="FILE", help="TOML spec, e.g. paper/tiny8.toml")
+    p_paper.add_argument("--results", default=None, help="results directory (default: the spec's, else results)")
+    p_paper.add_argument("--out", default=None, help="output directory (default: the spec's, else reports/paper)")
+    p_paper.add_argument("--no-figures", action="store_true", help="tables only")
+    p_paper.add_argument("--strict", action="store_true", help="fail when an output is skipped for lack of data")
+    p_paper.set_defaults(func=cmd_paper)
+
+    p_compare = sub.add_parser("compare", help="paired statistics of two methods: bootstrap CI, McNemar, Wilcoxon")
+    p_compare.add_argument("a", help="method label as in the leaderboard, e.g. ties or 'ties(k=10)'")
+    p_compare.add_argument("b", help="method label to compare against")
+    p_compare.add_argument("--results", default="results", help="results directory (default: results)")
+    p_compare.add_argument("--suite", default=None, help="only this suite")
+    p_compare.add_argument("--seeds", default=None, help="only these seeds, e.g. 0,1,2 (default: all shared)")
+    p_compare.set_defaults(func=cmd_compare)
+
+    p_export = sub.add_parser("export", help="write the latest records as a baseline file for `bench check`")
+    p_export.add_argument("--results", default="results", help="results directory (default: results)")
+    p_export.add_argument("--suite", default=None, help="only this suite")
+    p_export.add_argument("--out", required=True, help="baseline file to write, e.g. baselines/tiny8.json")
+    p_export.set_defaults(func=cmd_export)
+
+    p_check = sub.add_parser("check", help="fail (exit 1) when a method regresses against a baseline")
+    p_check.add_argument("--baseline", required=True, help="baseline file (`bench export`) or results directory")
+    p_check.add_argument("--results", default="results", help="results directory (default: results)")
+    p_check.add_argument("--suite", default=None, help="only this suite")
+    p_check.add_argument("--tolerance", type=float, default=1.0,
+                         help="allowed drop of a method's average, in points (default: 1.0)")
+    p_check.add_argument("--task-tolerance", type=float, default=None,
+                         help="allowed drop of a single task, in points (default: 3 x --tolerance)")
+    p_check.set_defaults(func=cmd_check)
     return parser
 
 
