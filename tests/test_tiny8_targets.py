@@ -28,3 +28,5 @@ def test_full_tiny8_targets(tmp_path):
     for i, a in enumerate(classic):
         for b in classic[i + 1:]:
             assert abs(mean[a] - mean[b]) > max(spread[a], spread[b]) + 0.005, (a, b)
+    # issue 4: SAMerging at its defaults beats task arithmetic at its default
+    assert mean["samerging"] > mean["task_arithmetic"] + max(spread["samerging"], spread["task_arithmetic"])
