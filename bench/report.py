@@ -11,6 +11,7 @@ and go to the sensitivity tables; the cost table gives merge, adapt and eval sec
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -203,10 +204,16 @@ def suite_title(frame: pd.DataFrame, suite: str) -> str:
     return f"{suite} — protocol: {', '.join(protocols)}"
 
 
+MAX_SLUG = 96
+
+
 def suite_slug(suite_label: str) -> str:
     """A file-name-safe form of a suite configuration label: ``tiny8(size=ci)`` -> ``tiny8-size=ci``."""
     flat = suite_label.replace("(", "-").replace(",", "-").replace(")", "").replace("[", "-").replace("]", "")
-    return "".join(ch if ch.isalnum() or ch in "-_=." else "_" for ch in flat)
+    slug = "".join(ch if ch.isalnum() or ch in "-_=." else "_" for ch in flat)
+    if len(slug) <= MAX_SLUG:  # long labels (paths, task maps) would overflow file-name limits: keep a prefix + hash
+        return slug
+    return f"{slug[:MAX_SLUG - 17]}-{hashlib.sha256(suite_label.encode()).hexdigest()[:16]}"
 
 
 def file_stem(suite_label: str) -> str:

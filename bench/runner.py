@@ -97,6 +97,7 @@ def plan_jobs(config: RunConfig, suite_params: Any, grid: Grid | None = None) ->
         if name not in names:
             raise BenchError(f"'{name}' has parameters set (--set/--param) but is not among the selected methods "
                              f"({', '.join(names)}); add it to --methods")
+    suite = registry.get_suite(config.suite).name  # a suite file's path gives its name (custom:<stem>)
     jobs = []
     for name in names:
         spec = registry.get_method(name)
@@ -104,7 +105,7 @@ def plan_jobs(config: RunConfig, suite_params: Any, grid: Grid | None = None) ->
             overrides = {**config.method_overrides.get(name, {}), **point}
             params = registry.build_params(name, spec.params, overrides)
             for seed in config.seeds:
-                jobs.append(Job(spec, params, seed, record_key(config.suite, suite_params, spec, params, seed)))
+                jobs.append(Job(spec, params, seed, record_key(suite, suite_params, spec, params, seed)))
     return jobs
 
 
@@ -248,7 +249,7 @@ def reference_accuracies(
     """
     spec = registry.get_method(REFERENCE_FOR_NORMALIZATION)
     params = registry.build_params(spec.name, spec.params, {})
-    key = record_key(config.suite, suite_params, spec, params, seed)
+    key = record_key(registry.get_suite(config.suite).name, suite_params, spec, params, seed)
     record = store.get(key)
     computed = None
     if record is None:
@@ -278,7 +279,7 @@ def execute(
     if not config.seeds:
         raise BenchError("--seeds is empty; give at least one seed, e.g. --seeds 0")
     store = ResultsStore(config.results_dir)
-    summary = RunSummary(suite_key={"suite": config.suite, "suite_params": dataclasses.asdict(suite_params)},
+    summary = RunSummary(suite_key={"suite": suite_spec.name, "suite_params": dataclasses.asdict(suite_params)},
                          planned=[config_hash(job.key) for job in jobs])
     if config.resume:
         pending = [job for job in jobs if not store.has(job.key)]

@@ -42,10 +42,11 @@ def entropy_loss(logits: Tensor) -> Tensor:
 
 def adamerging(ctx: MergeContext, p: AdaMergingParams, granularity: str) -> StateDict:
     problem = ctx.problem
-    stack = ctx.memo(("task_vectors", str(ctx.device)),
-                     lambda: TaskVectorStack(ctx.pretrained(), ctx.experts(), ctx.device))
+    # Data first: a suite that cannot supply it fails (and the method is skipped) before any expert is loaded.
     batches = UnlabeledBatches(problem, p.steps * p.batch_size, p.batch_size, ctx.seed, ctx.device)
     ctx.notes["samples_per_task"] = batches.distinct_per_task
+    stack = ctx.memo(("task_vectors", str(ctx.device)),
+                     lambda: TaskVectorStack(ctx.pretrained(), ctx.experts(), ctx.device))
 
     def loss_fn(lambdas: Tensor, step: int) -> Tensor:
         logits = problem.logits_per_task(stack.merge(lambdas), {t: batches.batch(t, step) for t in problem.tasks})

@@ -300,3 +300,13 @@ def test_latex_tables_compile(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:]
     assert "Overfull" not in (tmp_path / "doc.log").read_text()
+
+
+def test_long_suite_labels_give_short_distinct_file_names():
+    from bench.report import suite_slug
+
+    long_a = "llm-mergebench(task_map=" + "instruction=ifeval;" * 20 + ")"
+    long_b = long_a.replace("ifeval", "gsm8k")
+    assert suite_slug("tiny8(size=ci)") == "tiny8-size=ci"
+    assert len(suite_slug(long_a)) == 96 and suite_slug(long_a) != suite_slug(long_b)
+    assert suite_slug(long_a).startswith("llm-mergebench-task_map=instruction=ifeval_")

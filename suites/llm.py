@@ -1,0 +1,365 @@
+"""``llm-mergebench``: merging large language models, scored with lm-evaluation-harness from the local cache.
+
+Default: the MergeBench experts ``MergeBench/<model>_<domain>`` fine-tuned from ``meta-llama/Llama-3.2-3B``
+(also Llama-3.1-8B and Gemma-2 2B/9B), one expert per domain, all weights of the causal LM merged (a tied output
+embedding once). Each domain is scored on its lm-eval tasks (``task_map``): instruction -> ifeval, math ->
+gsm8k_cot, multilingual -> m_mmlu_{fr,es,de,ru}. The domain's accuracy is the mean of its tasks' primary metrics
+(ifeval: prompt-level strict accuracy; gsm8k_cot: strict-match exact match; others: their first metric), its
+per-example ``correct`` bits are the tasks' samples in doc order (a sample counts as correct when its metric is
+1), and its loss is the choice cross-entropy for multiple-choice tasks (NaN when a domain has a generative
+task). MergeBench's coding (code execution) and safety domains have no lm-eval task here and are left out.
+
+The merged model is evaluated in memory (``HFLM(pretrained=<model>)``). lm-eval's own task YAMLs read their
+datasets from the hub; here every hub dataset a task uses is fetched by ``bench prepare llm-mergebench`` into
+the cache (``datasets`` save_to_disk folders), and at load each task gets a YAML that includes lm-eval's
+original and points ``dataset_path`` at the cached Arrow files (absolute paths), so a run never touches the
+network. ``lm_eval_include`` looks tasks up in a folder of one's own YAMLs instead of lm-eval's built-in tasks.
+
+Not applicable here, skipped with a reason: test-time methods (AdaMerging, SAMerging) and Fisher need a
+fixed set of class logits per task, which generative lm-eval tasks do not have; RegMean needs the inputs of
+every linear layer on training data, which this suite does not supply (Gram matrices of a 3B model's layers
+would also need tens of GB).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bench.errors import BenchError, MethodNotApplicable, unknown_name_error
+from bench.problem import MergeProblem, StateDict, TaskMetrics
+from bench.registry import param, register_suite
+from suites import _hub
+from suites._lm import (
+    LmEvalRunner,
+    LmEvalScore,
+    MergedParameters,
+    check_expert,
+    download_checkpoint,
+    from_pretrained,
+    quiet_lm_eval,
+)
+from suites._torchvision_compat import ensure_torchvision_importable
+
+SUITE = "llm-mergebench"
+BASE_MODELS = {
+    "Llama-3.2-3B": "meta-llama/Llama-3.2-3B",
+    "Llama-3.1-8B": "meta-llama/Llama-3.1-8B",
+    "gemma-2-2b": "google/gemma-2-2b",
+    "gemma-2-9b": "google/gemma-2-9b",
+}
+DEFAULT_TASK_MAP = "instruction=ifeval;math=gsm8k_cot;multilingual=m_mmlu_fr+m_mmlu_es+m_mmlu_de+m_mmlu_ru"
+PRIMARY_METRICS = {"ifeval": "prompt_level_strict_acc,none", "gsm8k_cot": "exact_match,strict-match"}
+LOCAL_BUILDERS = ("json", "csv", "parquet", "arrow", "text")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
+
+
+def parse_task_map(text: str) -> dict[str, list[str]]:
+    """``"math=gsm8k_cot;multilingual=m_mmlu_fr+m_mmlu_es"`` -> {domain: [lm-eval tasks]}."""
+    mapping: dict[str, list[str]] = {}
+    for item in text.split(";"):
+        if not item.strip():
+            continue
+        domain, sep, tasks = item.partition("=")
+        names = [t.strip() for t in tasks.split("+") if t.strip()]
+        if not sep or not domain.strip() or not names:
+            raise ValueError(f"task_map item '{item}' is not DOMAIN=TASK[+TASK...]")
+        mapping[domain.strip()] = names
+    if not mapping:
+        raise ValueError("task_map is empty; give DOMAIN=TASK[+TASK...];...")
+    return mapping
+
+
+@dataclass(frozen=True)
+class LlmParams:
+    """Parameters of ``llm-mergebench`` (defaults: MergeBench Llama-3.2-3B)."""
+
+    model: str = param("Llama-3.2-3B", "MergeBench model family", choices=tuple(BASE_MODELS))
+    base_model: str = param("", "hub id of the pretrained checkpoint ('': the family's base, e.g. "
+                            "meta-llama/Llama-3.2-3B)")
+    expert_template: str = param("MergeBench/{model}_{domain}", "hub id of each domain's expert, with {model} and "
+                                 "{domain}")
+    task_map: str = param(DEFAULT_TASK_MAP, "DOMAIN=LM_EVAL_TASK[+TASK...];... (one expert per domain)")
+    lm_eval_include: str = param("", "folder of lm-eval task YAMLs to find the tasks in instead of lm-eval's "
+                                 "built-in ones")
+    limit: int = param(0, "score only the first N docs of each lm-eval task (0: all)", low=0)
+    batch_size: int = param(8, "lm-eval batch size", low=1)
+    dtype: str = param("bfloat16", "dtype the checkpoints are loaded, merged and evaluated in",
+                       choices=tuple(DTYPES))
+
+    def __post_init__(self) -> None:
+        parse_task_map(self.task_map)
+        if "{domain}" not in self.expert_template:
+            raise ValueError(f"expert_template '{self.expert_template}' has no {{domain}} placeholder")
+
+    def base_id(self) -> str:
+        return self.base_model or BASE_MODELS[self.model]
+
+    def expert_id(self, domain: str) -> str:
+        return self.expert_template.format(model=self.model, domain=domain)
+
+    def domains(self) -> dict[str, list[str]]:
+        return parse_task_map(self.task_map)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# lm-eval tasks and their datasets
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskSource:
+    """Where an lm-eval task's YAML is and which dataset splits it reads."""
+
+    task: str
+    yaml_path: Path
+    dataset_path: str
+    dataset_name: str | None
+    splits: tuple[str, ...]
+
+    @property
+    def local(self) -> bool:
+        """Read from local files by a packaged builder (json, parquet, ...): nothing to fetch."""
+        return self.dataset_path in LOCAL_BUILDERS
+
+    def folder(self, cache_dir: Path, split: str) -> Path:
+        return _hub.dataset_dir(cache_dir, self.dataset_path, split, config=self.dataset_name)
+
+
+_SOURCES: dict[tuple[str, str], list[TaskSource]] = {}  # indexing lm-eval's built-in tasks takes seconds
+
+
+def task_sources(params: LlmParams) -> list[TaskSource]:
+    """Every lm-eval task of the task map, looked up in ``lm_eval_include`` or lm-eval's built-in tasks."""
+    key = (params.task_map, params.lm_eval_include)
+    if key not in _SOURCES:
+        _SOURCES[key] = find_task_sources(params)
+    return list(_SOURCES[key])
+
+
+def find_task_sources(params: LlmParams) -> list[TaskSource]:
+    ensure_torchvision_importable()
+    from lm_eval.tasks import TaskManager
+
+    include = [params.lm_eval_include] if params.lm_eval_include else None
+    with quiet_lm_eval():
+        manager = TaskManager(include_path=include, include_defaults=not include)
+    sources = []
+    for names in params.domains().values():
+        for name in names:
+            entry = manager.task_index.get(name)
+            if entry is None:
+                raise unknown_name_error("lm-eval task", name, manager.all_subtasks)
+            config = entry.cfg or {}
+            if entry.yaml_path is None or "dataset_path" not in config:
+                raise BenchError(f"lm-eval task '{name}' is not a single YAML task with a dataset_path "
+                                 "(groups and Python tasks are not supported; list its subtasks)")
+            splits = tuple(dict.fromkeys(config[k] for k in SPLIT_KEYS if config.get(k)))
+            sources.append(TaskSource(name, Path(entry.yaml_path).resolve(), config["dataset_path"],
+                                      config.get("dataset_name"), splits))
+    return sources
+
+
+def local_task_yaml(source: TaskSource, cache_dir: Path) -> dict[str, Any]:
+    """lm-eval's task YAML, included, with its hub dataset replaced by the cached Arrow files."""
+    config: dict[str, Any] = {"include": str(source.yaml_path), "task": source.task}
+    if source.local:
+        return config
+    data_files = {}
+    for split in source.splits:
+        files = sorted(str(p.resolve()) for p in source.folder(cache_dir, split).glob("*.arrow"))
+        if not files:
+            raise BenchError(f"the cached dataset {source.folder(cache_dir, split)} has no Arrow files; rerun "
+                             f"`bench prepare {SUITE}`")
+        data_files[split] = files
+    config.update({"dataset_path": "arrow", "dataset_name": None,
+                   "dataset_kwargs": {"data_files": data_files,
+                                      "cache_dir": str((Path(cache_dir) / "llm-lm-eval" / "hf_datasets").resolve())}})
+    return config
+
+
+def write_local_tasks(sources: list[TaskSource], cache_dir: Path) -> Path:
+    """One YAML per task in a folder keyed by their content; returns the folder (lm-eval's include path)."""
+    import yaml
+
+    configs = {s.task: local_task_yaml(s, cache_dir) for s in sources}
+    key = hashlib.sha256(json.dumps(configs, sort_keys=True).encode()).hexdigest()[:12]
+    folder = Path(cache_dir) / "llm-lm-eval" / key
+    folder.mkdir(parents=True, exist_ok=True)
+    for task, config in configs.items():
+        path = folder / f"{task}.yaml"
+        text = yaml.safe_dump(config, sort_keys=False)
+        if not path.is_file() or path.read_text() != text:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Readiness and prepare
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Needed:
+    description: str
+    folder: Path
+    repo_id: str
+    split: str | None = None
+    config: str | None = None
+
+
+def needed_artefacts(params: LlmParams, cache_dir: Path) -> list[Needed]:
+    cache_dir = Path(cache_dir)
+    needed = [Needed(f"checkpoint {params.base_id()}", _hub.model_dir(cache_dir, params.base_id()), params.base_id())]
+    for domain in params.domains():
+        repo = params.expert_id(domain)
+        needed.append(Needed(f"checkpoint {repo}", _hub.model_dir(cache_dir, repo), repo))
+    for source in task_sources(params):
+        if source.local:
+            continue
+        for split in source.splits:
+            name = f"{source.dataset_path}" + (f" ({source.dataset_name})" if source.dataset_name else "")
+            needed.append(Needed(f"dataset {name}, split {split}, of lm-eval task {source.task}",
+                                 source.folder(cache_dir, split), source.dataset_path, split, source.dataset_name))
+    return needed
+
+
+def prepare_args(params: LlmParams) -> str:
+    defaults = LlmParams()
+    keys = ("model", "base_model", "expert_template", "task_map", "lm_eval_include")
+    return " ".join(f"--set suite.{k}={getattr(params, k)}" for k in keys if getattr(params, k) != getattr(defaults, k))
+
+
+def readiness(params: LlmParams, cache_dir: Path) -> list[str]:
+    return [f"{n.description} (in {n.folder})" for n in needed_artefacts(params, cache_dir)
+            if not _hub.is_complete(n.folder)]
+
+
+def prepare(params: LlmParams, cache_dir: Path, progress: bool) -> None:
+    for item in needed_artefacts(params, cache_dir):
+        if item.split is None:
+            _hub.fetch(item.folder, lambda folder, repo=item.repo_id: download_checkpoint(repo, folder))
+        else:
+            _hub.fetch(item.folder, lambda folder, n=item: _hub.download_dataset(n.repo_id, n.split, folder,
+                                                                                  config=n.config))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The merge problem
+# ----------------------------------------------------------------------------------------------------------
+
+NO_CLASS_LOGITS = ("has no class logits per task (its lm-eval tasks are generative or free-form), which "
+                   "test-time λ optimisation needs")
+NO_TRAINING_DATA = ("supplies no labeled training examples with classes (its lm-eval tasks are generative or "
+                    "free-form), which Fisher and RegMean need")
+
+
+class LlmProblem(MergeProblem):
+    """Whole causal LMs merged, one expert per domain; every domain scored on its lm-eval tasks."""
+
+    def __init__(self, *, params: LlmParams, model: Any, tokenizer: Any, pretrained: StateDict,
+                 experts: dict[str, StateDict], runner: LmEvalRunner, facts: dict[str, Any]) -> None:
+        self.name = SUITE
+        self.params = params
+        self.tasks = list(experts)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.merged = MergedParameters(self.model)
+        self._pretrained = pretrained
+        self._experts = experts
+        self.runner = runner
+        self.domain_tasks = params.domains()
+        self._facts = facts
+
+    def pretrained(self) -> StateDict:
+        return self._pretrained
+
+    def expert(self, task: str) -> StateDict:
+        self._check_task(task)
+        return self._experts[task]
+
+    def logits(self, params: StateDict, task: str, inputs: Tensor) -> Tensor:
+        raise MethodNotApplicable(f"suite {self.name} {NO_CLASS_LOGITS}")
+
+    def unlabeled(self, task: str, n: int, seed: int) -> Tensor:
+        raise MethodNotApplicable(f"suite {self.name} {NO_CLASS_LOGITS}")
+
+    def unlabeled_size(self, task: str) -> int:
+        raise MethodNotApplicable(f"suite {self.name} {NO_CLASS_LOGITS}")
+
+    def labeled(self, task: str, n: int, seed: int) -> tuple[Tensor, Tensor]:
+        raise MethodNotApplicable(f"suite {self.name} {NO_TRAINING_DATA}")
+
+    def linear_inputs(self, params: StateDict, task: str, inputs: Tensor) -> dict[str, Tensor]:
+        raise MethodNotApplicable(f"suite {self.name} {NO_TRAINING_DATA}")
+
+    def evaluate(self, params: StateDict, task: str, device: torch.device) -> TaskMetrics:
+        self._check_task(task)
+        model = self.merged.load_into(self.model.to(device), params)
+        limit = self.params.limit or None
+        with torch.no_grad():
+            scores = self.runner.evaluate(model, self.tokenizer, self.domain_tasks[task], self.params.batch_size,
+                                          limit=limit)
+        return combine_scores([scores[name] for name in self.domain_tasks[task]])
+
+    def describe(self) -> dict:
+        return {**self._facts, "tasks": list(self.tasks), "lm_eval_tasks": self.domain_tasks,
+                "num_parameters": sum(value.numel() for value in self._pretrained.values())}
+
+    def _check_task(self, task: str) -> None:
+        if task not in self._experts:
+            raise unknown_name_error(f"domain of suite {self.name}", task, self.tasks)
+
+
+def combine_scores(scores: list[LmEvalScore]) -> TaskMetrics:
+    """A domain's metrics from its lm-eval tasks: mean metric, concatenated per-doc bits, mean choice loss."""
+    losses = [s.loss for s in scores]
+    return TaskMetrics(accuracy=sum(s.value for s in scores) / len(scores),
+                       loss=math.nan if any(math.isnan(x) for x in losses) else sum(losses) / len(losses),
+                       correct=torch.cat([s.correct for s in scores]))
+
+
+def load(params: LlmParams, cache_dir: Path) -> LlmProblem:
+    ensure_torchvision_importable()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache_dir = Path(cache_dir)
+    for item in needed_artefacts(params, cache_dir):  # every artefact checked before any weight is read
+        _hub.require(item.folder, SUITE, item.description, cache_dir, prepare_args(params))
+    dtype = DTYPES[params.dtype]
+    base_dir = _hub.model_dir(cache_dir, params.base_id())
+    model = from_pretrained(AutoModelForCausalLM, base_dir, dtype=dtype)
+    merged = MergedParameters(model)
+    pretrained = merged.extract()
+    experts = {}
+    for domain in params.domains():
+        expert = from_pretrained(AutoModelForCausalLM, _hub.model_dir(cache_dir, params.expert_id(domain)),
+                                 dtype=dtype)
+        experts[domain] = merged.extract(expert)
+        del expert
+        check_expert(pretrained, experts[domain], domain)
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
+    folder = write_local_tasks(task_sources(params), cache_dir)
+    primary = {name: PRIMARY_METRICS[name] for names in params.domains().values() for name in names
+               if name in PRIMARY_METRICS}
+    runner = LmEvalRunner([folder], primary_metrics=primary)
+    facts = {"base_model": params.base_id(), "dtype": params.dtype, "limit": params.limit}
+    return LlmProblem(params=params, model=model, tokenizer=tokenizer, pretrained=pretrained, experts=experts,
+                      runner=runner, facts=facts)
+
+
+@register_suite(SUITE, params=LlmParams, readiness=readiness, prepare=prepare,
+                description="LLM merging (MergeBench Llama-3.2-3B experts by default) scored with lm-eval on "
+                "each domain's tasks, model passed in memory (needs `bench prepare llm-mergebench`)")
+def build(params: LlmParams, cache_dir: Path, progress: bool) -> MergeProblem:
+    return load(params, Path(cache_dir))
