@@ -248,6 +248,10 @@ def get_method(name: str) -> MethodSpec:
 
 
 def get_suite(name: str) -> SuiteSpec:
+    if name.endswith(".toml") or name.startswith("custom:"):  # a suite file (suites/custom.py), never listed
+        from suites.custom import file_suite
+
+        return file_suite(name)
     registry = suites()
     if name not in registry:
         raise unknown_name_error("suite", name, registry)

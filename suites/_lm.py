@@ -9,8 +9,11 @@
 - :func:`capture_linear_inputs`: the inputs of every merged linear map (RegMean), real tokens only.
 - Loading checkpoints from the local hub cache (safetensors, or ``torch.load(weights_only=True)`` through
   transformers), and comparing an expert with the base before anything else is loaded.
+- :class:`ExpertsProblem`: the weights part every NLP problem shares (pretrained and expert state dicts, task
+  checks).
 - :class:`LmEvalRunner`: lm-evaluation-harness on a model held in memory (``HFLM(pretrained=<model>)``) with a
-  task manager that indexes only the given task directories, returning per-example correctness in doc order.
+  task manager that indexes only the given task directories, returning per-example correctness in doc order;
+  :func:`evaluate_merged` scores merged weights with it and :func:`combine_scores` turns scores into metrics.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from bench.errors import BenchError
-from bench.problem import StateDict, check_compatible
+from bench.errors import BenchError, unknown_name_error
+from bench.measure import torch_threads
+from bench.problem import MergeProblem, StateDict, TaskMetrics, check_compatible
 from suites._torchvision_compat import ensure_torchvision_importable
 
 PAD = -1
@@ -189,6 +193,42 @@ def capture_linear_inputs(merged: MergedParameters, inputs: Tensor, batch_size: 
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The weights part of every NLP problem
+# ----------------------------------------------------------------------------------------------------------
+
+
+class ExpertsProblem(MergeProblem):
+    """Holds the pretrained and expert state dicts (merged names and layout) and checks task names.
+
+    Subclasses set ``name``, ``tasks`` (the experts' order) and call :meth:`_set_weights`; ``task_noun`` names a
+    task in errors (e.g. ``"domain"``).
+    """
+
+    name: str
+    tasks: list[str]
+    task_noun = "task"
+
+    def _set_weights(self, pretrained: StateDict, experts: dict[str, StateDict]) -> None:
+        self._pretrained = pretrained
+        self._experts = experts
+        self.tasks = list(experts)
+
+    def pretrained(self) -> StateDict:
+        return self._pretrained
+
+    def expert(self, task: str) -> StateDict:
+        self._check_task(task)
+        return self._experts[task]
+
+    def num_parameters(self) -> int:
+        return sum(value.numel() for value in self._pretrained.values())
+
+    def _check_task(self, task: str) -> None:
+        if task not in self._experts:
+            raise unknown_name_error(f"{self.task_noun} of suite {self.name}", task, self.tasks)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Checkpoints from the local hub cache
 # ----------------------------------------------------------------------------------------------------------
 
@@ -338,6 +378,27 @@ class LmEvalRunner:
         metric, _, filter_name = key.partition(",")
         samples = [s for s in output["samples"][task] if s.get("filter", "none") == filter_name]
         return samples_to_score(samples, metric, float(results[key]))
+
+
+def evaluate_merged(runner: LmEvalRunner, merged: MergedParameters, model: nn.Module, tokenizer: Any,
+                    params: StateDict, tasks: Sequence[str], device: torch.device, batch_size: int,
+                    limit: int | None = None, max_length: int | None = None,
+                    cpu_threads: int | None = None) -> dict[str, LmEvalScore]:
+    """lm-eval ``tasks`` on ``model`` (the template of ``merged``) holding ``params``, moved to ``device``;
+    ``cpu_threads`` caps torch's threads when that device is the CPU."""
+    model = merged.load_into(model.to(device), params)
+    on_cpu = torch.device(device).type == "cpu"
+    with torch_threads(cpu_threads if on_cpu else None), torch.no_grad():
+        return runner.evaluate(model, tokenizer, tasks, batch_size=batch_size, limit=limit, max_length=max_length)
+
+
+def combine_scores(scores: Sequence[LmEvalScore]) -> TaskMetrics:
+    """One task's metrics from its lm-eval scores: mean metric, concatenated per-doc bits, mean choice loss (NaN
+    if any is NaN)."""
+    losses = [s.loss for s in scores]
+    return TaskMetrics(accuracy=sum(s.value for s in scores) / len(scores),
+                       loss=math.nan if any(math.isnan(x) for x in losses) else sum(losses) / len(losses),
+                       correct=torch.cat([s.correct for s in scores]))
 
 
 @contextlib.contextmanager

@@ -44,6 +44,7 @@ from bench.registry import param, register_suite
 from suites import _hub
 from suites._clip_classification import PROTOCOLS, derived_seed
 from suites._lm import (
+    ExpertsProblem,
     MergedParameters,
     capture_linear_inputs,
     check_expert,
@@ -237,7 +238,7 @@ class EncodedSplit:
         return len(self.rows)
 
 
-class GlueProblem(MergeProblem, abc.ABC):
+class GlueProblem(ExpertsProblem, abc.ABC):
     """What both GLUE suites share: data, samplers, the merged parameters' view, evaluation loop."""
 
     def __init__(self, *, name: str, params: GlueParams, merged: MergedParameters, tokenizer: Any,
@@ -245,23 +246,12 @@ class GlueProblem(MergeProblem, abc.ABC):
                  facts: dict[str, Any]) -> None:
         self.name = name
         self.params = params
-        self.tasks = list(experts)
+        self._set_weights(pretrained, experts)
         self.protocol = params.protocol
         self.merged = merged
         self.tokenizer = tokenizer
-        self._pretrained = pretrained
-        self._experts = experts
         self.splits = splits
         self._facts = facts
-
-    # -- weights --------------------------------------------------------------------------------------------
-
-    def pretrained(self) -> StateDict:
-        return self._pretrained
-
-    def expert(self, task: str) -> StateDict:
-        self._check_task(task)
-        return self._experts[task]
 
     # -- data -----------------------------------------------------------------------------------------------
 
@@ -323,14 +313,10 @@ class GlueProblem(MergeProblem, abc.ABC):
             **self._facts,
             "protocol": self.protocol,
             "tasks": list(self.tasks),
-            "num_parameters": sum(value.numel() for value in self._pretrained.values()),
+            "num_parameters": self.num_parameters(),
             "split_sizes": {task: {name: len(split) for name, split in splits.items()}
                             for task, splits in self.splits.items()},
         }
-
-    def _check_task(self, task: str) -> None:
-        if task not in self._experts:
-            raise unknown_name_error(f"task of suite {self.name}", task, self.tasks)
 
 
 def load_splits(params: GlueParams, cache_dir: Path) -> dict[str, dict[str, EncodedSplit]]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,11 +37,13 @@ from bench.problem import MergeProblem, StateDict, TaskMetrics
 from bench.registry import param, register_suite
 from suites import _hub
 from suites._lm import (
+    ExpertsProblem,
     LmEvalRunner,
-    LmEvalScore,
     MergedParameters,
     check_expert,
+    combine_scores,
     download_checkpoint,
+    evaluate_merged,
     from_pretrained,
     quiet_lm_eval,
 )
@@ -264,69 +265,63 @@ NO_TRAINING_DATA = ("supplies no labeled training examples with classes (its lm-
                     "free-form), which Fisher and RegMean need")
 
 
-class LlmProblem(MergeProblem):
-    """Whole causal LMs merged, one expert per domain; every domain scored on its lm-eval tasks."""
+class LlmProblem(ExpertsProblem):
+    """Whole causal LMs merged, one expert per domain; every domain scored on its lm-eval tasks (the mean of their
+    primary metrics, see :func:`suites._lm.combine_scores`).
 
-    def __init__(self, *, params: LlmParams, model: Any, tokenizer: Any, pretrained: StateDict,
-                 experts: dict[str, StateDict], runner: LmEvalRunner, facts: dict[str, Any]) -> None:
-        self.name = SUITE
+    Also the problem of bring-your-own ``lm-eval`` suites (:mod:`suites.custom`), which give their own ``name``,
+    one lm-eval task per domain and their own not-applicable reasons (:meth:`not_applicable`).
+    """
+
+    task_noun = "domain"
+
+    def __init__(self, *, model: Any, tokenizer: Any, pretrained: StateDict, experts: dict[str, StateDict],
+                 runner: LmEvalRunner, facts: dict[str, Any], params: LlmParams | None = None, name: str = SUITE,
+                 domain_tasks: dict[str, list[str]] | None = None, batch_size: int | None = None,
+                 limit: int | None = None, max_length: int | None = None) -> None:
+        self.name = name
         self.params = params
-        self.tasks = list(experts)
+        self._set_weights(pretrained, experts)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.merged = MergedParameters(self.model)
-        self._pretrained = pretrained
-        self._experts = experts
         self.runner = runner
-        self.domain_tasks = params.domains()
+        self.domain_tasks = domain_tasks if domain_tasks is not None else params.domains()
+        self.batch_size = batch_size if batch_size is not None else params.batch_size
+        self.limit = limit if params is None else (params.limit or None)
+        self.max_length = max_length
         self._facts = facts
 
-    def pretrained(self) -> StateDict:
-        return self._pretrained
-
-    def expert(self, task: str) -> StateDict:
-        self._check_task(task)
-        return self._experts[task]
+    def not_applicable(self, what: str) -> MethodNotApplicable:
+        """Why a method needing ``what`` (``logits``, ``unlabeled``, ``labeled`` or ``linear_inputs``) is skipped."""
+        reason = NO_CLASS_LOGITS if what in ("logits", "unlabeled") else NO_TRAINING_DATA
+        return MethodNotApplicable(f"suite {self.name} {reason}")
 
     def logits(self, params: StateDict, task: str, inputs: Tensor) -> Tensor:
-        raise MethodNotApplicable(f"suite {self.name} {NO_CLASS_LOGITS}")
+        raise self.not_applicable("logits")
 
     def unlabeled(self, task: str, n: int, seed: int) -> Tensor:
-        raise MethodNotApplicable(f"suite {self.name} {NO_CLASS_LOGITS}")
+        raise self.not_applicable("unlabeled")
 
     def unlabeled_size(self, task: str) -> int:
-        raise MethodNotApplicable(f"suite {self.name} {NO_CLASS_LOGITS}")
+        raise self.not_applicable("unlabeled")
 
     def labeled(self, task: str, n: int, seed: int) -> tuple[Tensor, Tensor]:
-        raise MethodNotApplicable(f"suite {self.name} {NO_TRAINING_DATA}")
+        raise self.not_applicable("labeled")
 
     def linear_inputs(self, params: StateDict, task: str, inputs: Tensor) -> dict[str, Tensor]:
-        raise MethodNotApplicable(f"suite {self.name} {NO_TRAINING_DATA}")
+        raise self.not_applicable("linear_inputs")
 
     def evaluate(self, params: StateDict, task: str, device: torch.device) -> TaskMetrics:
         self._check_task(task)
-        model = self.merged.load_into(self.model.to(device), params)
-        limit = self.params.limit or None
-        with torch.no_grad():
-            scores = self.runner.evaluate(model, self.tokenizer, self.domain_tasks[task], self.params.batch_size,
-                                          limit=limit)
-        return combine_scores([scores[name] for name in self.domain_tasks[task]])
+        names = self.domain_tasks[task]
+        scores = evaluate_merged(self.runner, self.merged, self.model, self.tokenizer, params, names, device,
+                                 self.batch_size, limit=self.limit, max_length=self.max_length)
+        return combine_scores([scores[name] for name in names])
 
     def describe(self) -> dict:
         return {**self._facts, "tasks": list(self.tasks), "lm_eval_tasks": self.domain_tasks,
-                "num_parameters": sum(value.numel() for value in self._pretrained.values())}
-
-    def _check_task(self, task: str) -> None:
-        if task not in self._experts:
-            raise unknown_name_error(f"domain of suite {self.name}", task, self.tasks)
-
-
-def combine_scores(scores: list[LmEvalScore]) -> TaskMetrics:
-    """A domain's metrics from its lm-eval tasks: mean metric, concatenated per-doc bits, mean choice loss."""
-    losses = [s.loss for s in scores]
-    return TaskMetrics(accuracy=sum(s.value for s in scores) / len(scores),
-                       loss=math.nan if any(math.isnan(x) for x in losses) else sum(losses) / len(losses),
-                       correct=torch.cat([s.correct for s in scores]))
+                "num_parameters": self.num_parameters()}
 
 
 def load(params: LlmParams, cache_dir: Path) -> LlmProblem:

@@ -45,7 +45,7 @@ from torch import Tensor
 from torch.func import functional_call
 from tqdm import tqdm
 
-from bench.errors import BenchError, unknown_name_error
+from bench.errors import BenchError
 from bench.measure import torch_threads
 from bench.problem import MergeProblem, StateDict, TaskMetrics
 from bench.registry import param, register_suite
@@ -58,10 +58,13 @@ from suites._clip_classification import (
     write_artifacts,
 )
 from suites._lm import (
+    ExpertsProblem,
     LmEvalRunner,
     MergedParameters,
     capture_linear_inputs,
+    combine_scores,
     draw_indices,
+    evaluate_merged,
     last_token_index,
     model_ids,
     pad_token_ids,
@@ -384,7 +387,7 @@ class TextSplit:
         return int(self.labels.shape[0])
 
 
-class TinyLMProblem(MergeProblem):
+class TinyLMProblem(ExpertsProblem):
     """Merge tiny GPT-2 causal LMs fine-tuned on generated multiple-choice text tasks; score with lm-eval."""
 
     def __init__(self, *, model: Any, tokenizer: Any, pretrained: StateDict, experts: dict[str, StateDict],
@@ -393,26 +396,17 @@ class TinyLMProblem(MergeProblem):
         if protocol not in PROTOCOLS:
             raise BenchError(f"protocol '{protocol}' is not one of {'|'.join(PROTOCOLS)}")
         self.name = SUITE
-        self.tasks = list(experts)
+        self._set_weights(pretrained, experts)
         self.protocol = protocol
         self.cpu_threads = 1  # a tiny model: one thread is fastest, and immune to a busy second core
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.merged = MergedParameters(self.model)
-        self._pretrained = pretrained
-        self._experts = experts
         self.splits = splits
         self.answers = {task: answer_token_ids(tokenizer, task) for task in self.tasks}
         self.lm_eval = LmEvalRunner([lm_eval_dir])
         self.eval_batch_size = eval_batch_size
         self._facts = facts
-
-    def pretrained(self) -> StateDict:
-        return self._pretrained
-
-    def expert(self, task: str) -> StateDict:
-        self._check_task(task)
-        return self._experts[task]
 
     # -- forward --------------------------------------------------------------------------------------------
 
@@ -473,31 +467,25 @@ class TinyLMProblem(MergeProblem):
     def evaluate(self, params: StateDict, task: str, device: torch.device) -> TaskMetrics:
         """lm-eval's ``acc`` on the test split (``tinylm_<task>``), with the merged model passed in memory."""
         self._check_task(task)
-        model = self.merged.load_into(self.model.to(device), params)
-        on_cpu = torch.device(device).type == "cpu"
-        with torch_threads(1 if on_cpu else None), torch.no_grad():
-            name = LM_EVAL_PREFIX + task
-            score = self.lm_eval.evaluate(model, self.tokenizer, [name], batch_size=self.eval_batch_size)[name]
+        name = LM_EVAL_PREFIX + task
+        score = evaluate_merged(self.lm_eval, self.merged, self.model, self.tokenizer, params, [name], device,
+                                self.eval_batch_size, cpu_threads=1)[name]
         expected = len(self.split(task, "test"))
         if score.correct.numel() != expected:
             raise BenchError(f"lm-eval scored {score.correct.numel()} examples of {name}, expected {expected}")
-        return TaskMetrics(accuracy=score.value, loss=score.loss, correct=score.correct)
+        return combine_scores([score])
 
     def describe(self) -> dict:
         return {
             **self._facts,
             "protocol": self.protocol,
             "tasks": list(self.tasks),
-            "num_parameters": sum(value.numel() for value in self._pretrained.values()),
+            "num_parameters": self.num_parameters(),
             "num_choices": {task: len(TASKS[task].choices) for task in self.tasks},
             "split_sizes": {task: {name: len(split) for name, split in splits.items()}
                             for task, splits in self.splits.items()},
             "evaluation": "lm-eval multiple_choice acc",
         }
-
-    def _check_task(self, task: str) -> None:
-        if task not in self._experts:
-            raise unknown_name_error(f"task of suite {self.name}", task, self.tasks)
 
 
 def read_split(path: Path, tokenizer: Any) -> TextSplit:
