@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_figures import tiny8_like_store
+from test_figures import make_record, tiny8_like_store
 
 from bench.cli import main
 from bench.paper import load_spec
@@ -141,11 +141,14 @@ def test_committed_tiny8_spec_names_the_init_sweep_and_rho_ablation():
     assert spec.sweeps[0].params == (("task_arithmetic", "scaling"), ("ties", "scaling"), ("adamerging_lw", "init"),
                                       ("samerging", "init"))
     assert (spec.ablations[0].method, spec.ablations[0].param) == ("samerging", "rho")
-    assert "samerging(rho=0)" in spec.methods and len(spec.methods) == 18
+    assert {"samerging(rho=0)", "samerging(adaptive=false)"} <= set(spec.methods) and len(spec.methods) == 19
     assert set(spec.leaderboard) == {"table", "figure", "heatmap", "pareto"} and spec.cost_table
 
 
-def test_committed_spec_runs_on_a_tiny8_like_store(capsys, tmp_path, store):
+def test_committed_spec_runs_on_a_tiny8_like_store(capsys, tmp_path):
+    records = tiny8_like_store() + [make_record("samerging", seed, variant={"adaptive": False}, shift=-0.002)
+                                    for seed in range(3)]
+    store = write_store(tmp_path / "results", records)
     code, out, err = run_cli(capsys, "paper", "--spec", str(REPO / "paper" / "tiny8.toml"), "--results", str(store),
                              "--out", str(tmp_path / "paper"))
     assert code == 0, err
