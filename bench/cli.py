@@ -218,17 +218,66 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = run_config(args, [m.strip() for m in args.methods.split(",") if m.strip()])
     if not config.methods:
         raise BenchError("--methods is empty; write --methods all or a comma list, e.g. --methods ties,task_arithmetic")
-    summary = execute(config)
-    print(f"{len(summary.computed)} run(s) computed, {summary.skipped_recorded} already recorded; "
-          f"records in {config.results_dir}/", file=sys.stderr)
-    for name, reason in summary.not_applicable:
-        print(f"not applicable: {name}: {reason}", file=sys.stderr)
+    if args.jobs < 1:
+        raise BenchError(f"--jobs {args.jobs}: give at least 1 (worker processes, one seed group each)")
+    if args.jobs > 1 and len(config.seeds) > 1:
+        suite_key = run_in_seed_shards(args, config)
+    else:
+        summary = execute(config)
+        print(f"{len(summary.computed)} run(s) computed, {summary.skipped_recorded} already recorded; "
+              f"records in {config.results_dir}/", file=sys.stderr)
+        for name, reason in summary.not_applicable:
+            print(f"not applicable: {name}: {reason}", file=sys.stderr)
+        suite_key = summary.suite_key
+    if args.no_report:
+        return 0
     records = [r for r in ResultsStore(config.results_dir).records()
-               if r["suite"] == summary.suite_key["suite"] and r["suite_params"] == summary.suite_key["suite_params"]]
+               if r["suite"] == suite_key["suite"] and r["suite_params"] == suite_key["suite_params"]]
     texts = write_reports(records, Path(args.out))
     for text in texts.values():
         print(text)
     return 0
+
+
+def run_in_seed_shards(args: argparse.Namespace, config: Any) -> dict[str, Any]:
+    """``bench run`` with the seeds dealt round-robin to ``--jobs`` worker processes (one torch process per core).
+
+    The suite is loaded (built, if not cached) and checked once here first, so workers only read the cache. Each
+    worker is an ordinary ``bench run`` over its seeds writing to the same store (records are written atomically
+    under distinct names); this process writes the leaderboard when all have finished.
+    """
+    import dataclasses
+    import subprocess
+
+    from bench.measure import PhaseTimer, resolve_device
+    from bench.runner import load_problem
+
+    suite_spec = registry.get_suite(config.suite)
+    suite_params = registry.build_params("suite", suite_spec.params, config.suite_overrides)
+    load_problem(config, suite_params, PhaseTimer(resolve_device(config.device)))
+    groups = [config.seeds[i::args.jobs] for i in range(min(args.jobs, len(config.seeds)))]
+    print(f"running seeds in {len(groups)} worker processes: "
+          + "; ".join(",".join(map(str, g)) for g in groups), file=sys.stderr)
+    workers = [subprocess.Popen([sys.executable, "-m", "bench", *worker_argv(args, group)]) for group in groups]
+    codes = [worker.wait() for worker in workers]
+    failed = [code for code in codes if code != 0]
+    if failed:
+        raise BenchError(f"{len(failed)} of {len(workers)} worker(s) failed (see above); every finished run is "
+                         "recorded, rerun with --resume to continue")
+    return {"suite": suite_spec.name, "suite_params": dataclasses.asdict(suite_params)}
+
+
+def worker_argv(args: argparse.Namespace, seeds: Sequence[int]) -> list[str]:
+    """The ``bench run`` command line of one worker: the same run, restricted to ``seeds``, without reports."""
+    argv = [flag for plugin in args.plugin for flag in ("--plugin", plugin)]
+    argv += ["run", "--suite", args.suite, "--methods", args.methods, "--seeds", ",".join(map(str, seeds)),
+             "--device", args.device, "--results", str(args.results), "--out", str(args.out),
+             "--jobs", "1", "--no-report", "--no-progress"]
+    argv += [flag for item in args.set for flag in ("--set", item)]
+    argv += ["--cache", args.cache] if args.cache else []
+    argv += ["--resume"] if args.resume else []
+    argv += ["--trust-pickles"] if args.trust_pickles else []
+    return argv
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -374,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_run = sub.add_parser("run", help="run methods on a suite and record the results")
     p_run.add_argument("--methods", default="all", help="'all' or a comma list of method names")
+    p_run.add_argument("--jobs", type=int, default=1,
+                       help="worker processes, each running a share of the seeds (e.g. one per CPU core; default 1)")
+    p_run.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # used by --jobs workers
     _add_execution_args(p_run, "where the leaderboard tables go")
     p_run.set_defaults(func=cmd_run)
 

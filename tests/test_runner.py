@@ -115,3 +115,36 @@ def test_problem_thread_policy_applies_to_the_job_and_is_restored(tmp_path, monk
     assert set(seen) == {1}
     assert {r["environment"]["torch_threads"] for r in summary.computed} == {1}
     assert torch.get_num_threads() == before
+
+
+def test_jobs_split_seeds_over_worker_processes_with_the_same_records(tmp_path, monkeypatch, plugin_env, capsys):
+    from bench.cli import main
+
+    for name in ("PYTHONPATH", "BENCH_PLUGINS"):
+        monkeypatch.setenv(name, plugin_env[name])
+
+    def run(results, *extra):
+        argv = ["run", "--suite", "toy", "--methods", "pretrained,ties,dare_ta", "--seeds", "0,1,2",
+                "--results", str(results), "--out", str(tmp_path / "out"), "--no-progress", *extra]
+        assert main(argv) == 0
+        return capsys.readouterr()
+
+    run(tmp_path / "serial")
+    parallel = run(tmp_path / "parallel", "--jobs", "2")
+    assert "running seeds in 2 worker processes: 0,2; 1" in parallel.err
+    assert "ties" in parallel.out  # the leaderboard is printed once all workers finished
+
+    def numbers(results):
+        return {p.name: {t: e["accuracy"] for t, e in json.loads(p.read_text())["tasks"].items()}
+                for p in results.rglob("*.json")}
+
+    serial = numbers(tmp_path / "serial")
+    assert len(serial) == 4 * 3 and numbers(tmp_path / "parallel") == serial
+
+
+def test_jobs_must_be_positive(tmp_path, capsys):
+    from bench.cli import main
+
+    assert main(["run", "--suite", "toy", "--jobs", "0", "--results", str(tmp_path)]) == 2
+    expected = "bench: error: --jobs 0: give at least 1 (worker processes, one seed group each)\n"
+    assert capsys.readouterr().err == expected
