@@ -24,6 +24,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -544,3 +545,39 @@ def remove_artifacts(directory: Path) -> None:
     except OSError:
         pass
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+def load_or_build_artifacts(
+    directory: Path,
+    label: str,
+    expected_metadata: Mapping[str, Any],
+    expected_files: set[str],
+    build: Callable[[], tuple[dict[str, dict[str, Tensor]], dict[str, Any]]],
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
+    """Verified artefacts of an embedded suite's build cached at ``directory``, or ``build()`` written there.
+
+    A cache that fails its checksums, was made by another build version or parameters, or lacks a file is
+    reported in one warning line and rebuilt. The build runs on one thread: tiny matrices barely gain from a
+    second one on an idle machine, on a shared one OpenMP workers spin waiting for each other (training ~20x
+    slower), and one thread keeps the built weights independent of the machine's core count.
+    """
+    if directory.exists():
+        try:
+            files, metadata = read_artifacts(directory)
+            for name, value in expected_metadata.items():
+                if metadata.get(name) != value:
+                    raise CorruptArtifacts(f"its manifest's {name} is {metadata.get(name)!r}, expected {value!r}")
+            if missing := sorted(expected_files - set(files)):
+                raise CorruptArtifacts(f"its manifest lacks {missing[0]}")
+            return files, metadata
+        except CorruptArtifacts as problem:
+            print(f"warning: {label} cache {directory} is unusable ({problem}); rebuilding it", file=sys.stderr)
+            remove_artifacts(directory)
+    with torch_threads(1):
+        files, metadata = build()
+    try:
+        write_artifacts(directory, files, metadata)
+    except OSError as error:  # still usable, only not cached: say so and go on
+        print(f"warning: cannot write the {label} cache {directory} ({error.strerror or error}); "
+              "the next run will build it again", file=sys.stderr)
+    return files, metadata

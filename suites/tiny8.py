@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -47,7 +46,6 @@ from suites._clip_classification import (
     SPLITS,
     ClipClassificationProblem,
     ClipHead,
-    CorruptArtifacts,
     DataSplit,
     TaskData,
     VisionTransformer,
@@ -55,10 +53,7 @@ from suites._clip_classification import (
     average_prompt_embeddings,
     derived_seed,
     init_vision_transformer_,
-    read_artifacts,
-    remove_artifacts,
-    torch_threads,
-    write_artifacts,
+    load_or_build_artifacts,
 )
 
 BUILD_VERSION = 1  # bump whenever a change alters built weights or data, so old caches are not reused
@@ -921,53 +916,17 @@ def problem_from_artifacts(
     )
 
 
-def _check_metadata(metadata: dict[str, Any], preset: SizePreset, build_seed: int) -> None:
-    expected = {
-        "suite": "tiny8",
-        "build_version": BUILD_VERSION,
-        "build_seed": build_seed,
-        "preset": asdict(preset),
-    }
-    for name, value in expected.items():
-        if metadata.get(name) != value:
-            raise CorruptArtifacts(f"its manifest's {name} is {metadata.get(name)!r}, expected {value!r}")
-
-
 def load_or_build(
     cache_dir: Path, preset: SizePreset, build_seed: int, progress: bool
 ) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any], str]:
     """Verified cached artefacts, or a fresh build written to the cache (a bad cache: one warning line)."""
     key = cache_key(preset, build_seed)
-    directory = Path(cache_dir) / f"tiny8-{key}"
-    if directory.exists():
-        try:
-            files, metadata = read_artifacts(directory)
-            _check_metadata(metadata, preset, build_seed)
-            expected_files = {
-                "pretrained.safetensors",
-                "data.safetensors",
-                "heads.safetensors",
-                *(f"expert-{task}.safetensors" for task in TASKS),
-            }
-            if missing := sorted(expected_files - set(files)):
-                raise CorruptArtifacts(f"its manifest lacks {missing[0]}")
-            return files, metadata, key
-        except CorruptArtifacts as problem:
-            print(f"warning: tiny8 cache {directory} is unusable ({problem}); rebuilding it", file=sys.stderr)
-            remove_artifacts(directory)
-    # One thread: the tiny matrices barely gain from a second one on an idle machine, while on a shared one
-    # OpenMP workers spin waiting for each other and training runs ~20x slower. It also keeps the built
-    # weights independent of the machine's core count.
-    with torch_threads(1):
-        files, metadata = build_artifacts(preset, build_seed, progress)
-    try:
-        write_artifacts(directory, files, metadata)
-    except OSError as error:  # still usable, only not cached: say so and go on
-        print(
-            f"warning: cannot write the tiny8 cache {directory} ({error.strerror or error}); "
-            "the next run will build it again",
-            file=sys.stderr,
-        )
+    expected_metadata = {"suite": "tiny8", "build_version": BUILD_VERSION, "build_seed": build_seed,
+                         "preset": asdict(preset)}
+    expected_files = {"pretrained.safetensors", "data.safetensors", "heads.safetensors",
+                      *(f"expert-{task}.safetensors" for task in TASKS)}
+    files, metadata = load_or_build_artifacts(Path(cache_dir) / f"tiny8-{key}", "tiny8", expected_metadata,
+                                              expected_files, lambda: build_artifacts(preset, build_seed, progress))
     return files, metadata, key
 
 

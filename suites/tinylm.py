@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -46,16 +45,12 @@ from torch.func import functional_call
 from tqdm import tqdm
 
 from bench.errors import BenchError
-from bench.measure import torch_threads
 from bench.problem import MergeProblem, StateDict, TaskMetrics
 from bench.registry import param, register_suite
 from suites._clip_classification import (
     PROTOCOLS,
-    CorruptArtifacts,
     derived_seed,
-    read_artifacts,
-    remove_artifacts,
-    write_artifacts,
+    load_or_build_artifacts,
 )
 from suites._lm import (
     ExpertsProblem,
@@ -328,35 +323,14 @@ def expected_files() -> set[str]:
     return {"pretrained.safetensors", "text.safetensors", *(f"expert-{task}.safetensors" for task in TASK_NAMES)}
 
 
-def _check_metadata(metadata: dict[str, Any], preset: TinyLMPreset, build_seed: int) -> None:
-    expected = {"suite": SUITE, "build_version": BUILD_VERSION, "build_seed": build_seed, "preset": asdict(preset)}
-    for name, value in expected.items():
-        if metadata.get(name) != value:
-            raise CorruptArtifacts(f"its manifest's {name} is {metadata.get(name)!r}, expected {value!r}")
-
-
 def load_or_build(cache_dir: Path, preset: TinyLMPreset, build_seed: int, progress: bool
                   ) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any], Path]:
     """Verified cached artefacts, or a fresh build written to the cache (a bad cache: one warning line)."""
     directory = Path(cache_dir) / f"{SUITE}-{cache_key(preset, build_seed)}"
-    if directory.exists():
-        try:
-            files, metadata = read_artifacts(directory)
-            _check_metadata(metadata, preset, build_seed)
-            if missing := sorted(expected_files() - set(files)):
-                raise CorruptArtifacts(f"its manifest lacks {missing[0]}")
-            return files, metadata, directory
-        except CorruptArtifacts as problem:
-            print(f"warning: {SUITE} cache {directory} is unusable ({problem}); rebuilding it", file=sys.stderr)
-            remove_artifacts(directory)
-    # One thread: deterministic weights whatever the core count, and no OpenMP spinning on a shared machine.
-    with torch_threads(1):
-        files, metadata = build_artifacts(preset, build_seed, progress)
-    try:
-        write_artifacts(directory, files, metadata)
-    except OSError as error:
-        print(f"warning: cannot write the {SUITE} cache {directory} ({error.strerror or error}); "
-              "the next run will build it again", file=sys.stderr)
+    expected_metadata = {"suite": SUITE, "build_version": BUILD_VERSION, "build_seed": build_seed,
+                         "preset": asdict(preset)}
+    files, metadata = load_or_build_artifacts(directory, SUITE, expected_metadata, expected_files(),
+                                              lambda: build_artifacts(preset, build_seed, progress))
     return files, metadata, directory
 
 
