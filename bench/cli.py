@@ -250,10 +250,11 @@ def run_in_seed_shards(args: argparse.Namespace, config: Any) -> dict[str, Any]:
     import subprocess
 
     from bench.measure import PhaseTimer, resolve_device
-    from bench.runner import load_problem
+    from bench.runner import load_problem, plan_jobs
 
     suite_spec = registry.get_suite(config.suite)
     suite_params = registry.build_params("suite", suite_spec.params, config.suite_overrides)
+    plan_jobs(config, suite_params)  # bad method names or hyperparameters fail here, once, not in every worker
     load_problem(config, suite_params, PhaseTimer(resolve_device(config.device)))
     groups = [config.seeds[i::args.jobs] for i in range(min(args.jobs, len(config.seeds)))]
     print(f"running seeds in {len(groups)} worker processes: "

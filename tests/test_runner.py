@@ -148,3 +148,6 @@ def test_jobs_must_be_positive(tmp_path, capsys):
     assert main(["run", "--suite", "toy", "--jobs", "0", "--results", str(tmp_path)]) == 2
     expected = "bench: error: --jobs 0: give at least 1 (worker processes, one seed group each)\n"
     assert capsys.readouterr().err == expected
+    assert main(["run", "--suite", "toy", "--jobs", "2", "--seeds", "0,1", "--methods", "tie",
+                 "--results", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == "bench: error: unknown method 'tie'; did you mean: ties, dare_ties?\n"
