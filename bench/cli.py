@@ -218,10 +218,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = run_config(args, [m.strip() for m in args.methods.split(",") if m.strip()])
     if not config.methods:
         raise BenchError("--methods is empty; write --methods all or a comma list, e.g. --methods ties,task_arithmetic")
-    if args.jobs < 1:
-        raise BenchError(f"--jobs {args.jobs}: give at least 1 (worker processes, one seed group each)")
-    if args.jobs > 1 and len(config.seeds) > 1:
-        suite_key = run_in_seed_shards(args, config)
+    if use_workers(args, config):
+        suite_key, _ = run_in_seed_shards(args, config)
     else:
         summary = execute(config)
         print(f"{len(summary.computed)} run(s) computed, {summary.skipped_recorded} already recorded; "
@@ -239,22 +237,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_in_seed_shards(args: argparse.Namespace, config: Any) -> dict[str, Any]:
-    """``bench run`` with the seeds dealt round-robin to ``--jobs`` worker processes (one torch process per core).
+def use_workers(args: argparse.Namespace, config: Any) -> bool:
+    if args.jobs < 1:
+        raise BenchError(f"--jobs {args.jobs}: give at least 1 (worker processes, one seed group each)")
+    return args.jobs > 1 and len(config.seeds) > 1
+
+
+def run_in_seed_shards(args: argparse.Namespace, config: Any, grid: Any = None) -> tuple[dict[str, Any], list[str]]:
+    """``bench run``/``sweep`` with the seeds dealt round-robin to ``--jobs`` worker processes (one per core).
 
     The suite is loaded (built, if not cached) and checked once here first, so workers only read the cache. Each
-    worker is an ordinary ``bench run`` over its seeds writing to the same store (records are written atomically
-    under distinct names); this process writes the leaderboard when all have finished.
+    worker is the same command over its seeds writing to the same store (records are written atomically under
+    distinct names; what a seed shares across grid points, e.g. teacher logits, stays within one worker); this
+    process writes the tables when all have finished. Returns the suite key and the planned configuration hashes.
     """
     import dataclasses
     import subprocess
 
     from bench.measure import PhaseTimer, resolve_device
     from bench.runner import load_problem, plan_jobs
+    from bench.store import config_hash
 
     suite_spec = registry.get_suite(config.suite)
     suite_params = registry.build_params("suite", suite_spec.params, config.suite_overrides)
-    plan_jobs(config, suite_params)  # bad method names or hyperparameters fail here, once, not in every worker
+    jobs = plan_jobs(config, suite_params, grid)  # bad names or hyperparameters fail here, once
     load_problem(config, suite_params, PhaseTimer(resolve_device(config.device)))
     groups = [config.seeds[i::args.jobs] for i in range(min(args.jobs, len(config.seeds)))]
     print(f"running seeds in {len(groups)} worker processes: "
@@ -265,15 +271,18 @@ def run_in_seed_shards(args: argparse.Namespace, config: Any) -> dict[str, Any]:
     if failed:
         raise BenchError(f"{len(failed)} of {len(workers)} worker(s) failed (see above); every finished run is "
                          "recorded, rerun with --resume to continue")
-    return {"suite": suite_spec.name, "suite_params": dataclasses.asdict(suite_params)}
+    suite_key = {"suite": suite_spec.name, "suite_params": dataclasses.asdict(suite_params)}
+    return suite_key, [config_hash(job.key) for job in jobs]
 
 
 def worker_argv(args: argparse.Namespace, seeds: Sequence[int]) -> list[str]:
-    """The ``bench run`` command line of one worker: the same run, restricted to ``seeds``, without reports."""
+    """The command line of one worker: the same ``run`` or ``sweep``, restricted to ``seeds``, without tables."""
     argv = [flag for plugin in args.plugin for flag in ("--plugin", plugin)]
-    argv += ["run", "--suite", args.suite, "--methods", args.methods, "--seeds", ",".join(map(str, seeds)),
+    argv += [args.command, "--suite", args.suite, "--seeds", ",".join(map(str, seeds)),
              "--device", args.device, "--results", str(args.results), "--out", str(args.out),
              "--jobs", "1", "--no-report", "--no-progress"]
+    argv += ["--methods", args.methods] if args.methods else []
+    argv += [flag for item in getattr(args, "param", []) for flag in ("--param", item)]
     argv += [flag for item in args.set for flag in ("--set", item)]
     argv += ["--cache", args.cache] if args.cache else []
     argv += ["--resume"] if args.resume else []
@@ -292,10 +301,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(grid)
     config = run_config(args, methods)
     suite_overrides = config.suite_overrides
-    summary = execute(config, grid_points(grid))
-    print(f"{len(summary.computed)} run(s) computed, {summary.skipped_recorded} already recorded; "
-          f"records in {config.results_dir}/", file=sys.stderr)
-    planned = set(summary.planned)
+    if use_workers(args, config):
+        _, planned_hashes = run_in_seed_shards(args, config, grid_points(grid))
+    else:
+        summary = execute(config, grid_points(grid))
+        print(f"{len(summary.computed)} run(s) computed, {summary.skipped_recorded} already recorded; "
+              f"records in {config.results_dir}/", file=sys.stderr)
+        planned_hashes = summary.planned
+    if args.no_report:
+        return 0
+    planned = set(planned_hashes)
     records = [r for r in ResultsStore(config.results_dir).records() if r["config_hash"] in planned]
     swept = {method: list(params) for method, params in grid.items()}
     suite_label = config.suite + "".join(f" {k}={v}" for k, v in sorted(suite_overrides.items()))
@@ -394,6 +409,9 @@ def _add_execution_args(parser: argparse.ArgumentParser, out_help: str) -> None:
     parser.add_argument("--cache", default=None, help=CACHE_HELP)
     parser.add_argument("--resume", action="store_true", help="skip configurations already recorded")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="worker processes, each running a share of the seeds (e.g. one per CPU core; default 1)")
+    parser.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # used by --jobs workers
     parser.add_argument("--trust-pickles", action="store_true",
                         help="allow loading checkpoints stored as Python pickles (the task_vectors experts); "
                              "unpickling can run arbitrary code, so only for files you trust")
@@ -424,9 +442,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_run = sub.add_parser("run", help="run methods on a suite and record the results")
     p_run.add_argument("--methods", default="all", help="'all' or a comma list of method names")
-    p_run.add_argument("--jobs", type=int, default=1,
-                       help="worker processes, each running a share of the seeds (e.g. one per CPU core; default 1)")
-    p_run.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # used by --jobs workers
     _add_execution_args(p_run, "where the leaderboard tables go")
     p_run.set_defaults(func=cmd_run)
 

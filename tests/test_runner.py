@@ -151,3 +151,25 @@ def test_jobs_must_be_positive(tmp_path, capsys):
     assert main(["run", "--suite", "toy", "--jobs", "2", "--seeds", "0,1", "--methods", "tie",
                  "--results", str(tmp_path)]) == 2
     assert capsys.readouterr().err == "bench: error: unknown method 'tie'; did you mean: ties, dare_ties?\n"
+
+
+def test_sweep_with_jobs_writes_the_same_records_and_table(tmp_path, monkeypatch, plugin_env, capsys):
+    from bench.cli import main
+
+    for name in ("PYTHONPATH", "BENCH_PLUGINS"):
+        monkeypatch.setenv(name, plugin_env[name])
+
+    def sweep(name, *extra):
+        argv = ["sweep", "--suite", "toy", "--param", "task_arithmetic.scaling=0.1,0.5", "--param", "dare_ta.p=0.2,0.8",
+                "--seeds", "0,1", "--results", str(tmp_path / name), "--out", str(tmp_path / f"{name}-out"),
+                "--no-progress", *extra]
+        assert main(argv) == 0
+        return capsys.readouterr().out
+
+    serial_table = sweep("serial")
+    assert sweep("parallel", "--jobs", "2") == serial_table
+
+    def numbers(results):
+        return {p.name: json.loads(p.read_text())["average"] for p in results.rglob("*.json")}
+
+    assert numbers(tmp_path / "parallel") == numbers(tmp_path / "serial") and len(numbers(tmp_path / "serial")) == 10
