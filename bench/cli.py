@@ -195,6 +195,9 @@ def run_config(args: argparse.Namespace, methods: list[str]) -> Any:
 
     method_overrides, suite_overrides = parse_sets(args.set)
     if args.trust_pickles:
+        suite = registry.get_suite(args.suite)
+        if "trust_pickles" not in {info.name for info in registry.param_infos(suite.params)}:
+            raise BenchError(f"--trust-pickles: suite '{suite.name}' never loads pickled checkpoints; drop the flag")
         suite_overrides["trust_pickles"] = "true"
     return RunConfig(
         suite=args.suite,

@@ -70,3 +70,9 @@ def test_prepare_errors(tmp_path, capsys):
         "bench: error: bench prepare takes only --set suite.PARAM=VALUE (method parameters need no download)\n")
     code, out, _ = run_cli(capsys, "prepare", "tiny8", "--cache", str(tmp_path))
     assert (code, out) == (0, "tiny8 needs no download: it is built offline on first use\n")
+
+
+def test_trust_pickles_on_a_suite_without_pickles_says_so(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "run", "--suite", "toy", "--trust-pickles", "--results", str(tmp_path))
+    assert code == 2
+    assert err == "bench: error: --trust-pickles: suite 'toy' never loads pickled checkpoints; drop the flag\n"
