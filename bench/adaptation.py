@@ -19,29 +19,48 @@ GradientFn = Callable[[Tensor, int], tuple[Tensor, Tensor]]
 class UnlabeledBatches:
     """Per task, ``total`` draws in batches of ``batch_size`` from the protocol's adaptation split.
 
-    At most ``total`` distinct examples per task are drawn once (fewer when the split is smaller) and held in
-    host memory; batches walk through seeded reshuffles of that pool, epoch after epoch, and move to the device
-    one at a time (a pool of 1,600 CLIP-sized images per task would not fit a GPU eight times over).
+    At most ``total`` distinct examples per task are drawn once (fewer when the split is smaller); batches walk
+    through seeded reshuffles of them, epoch after epoch. Only the examples' positions in the split are held
+    (8 bytes per draw, whatever the split's size): each batch is read from the suite's stored examples (e.g. the
+    memory-mapped uint8 images), preprocessed and moved to the device when asked for. The latest batch of each
+    task is kept, so the two passes of a sharpness-aware step read it once.
     """
 
     def __init__(self, problem: MergeProblem, total: int, batch_size: int, seed: int, device: torch.device):
+        self.problem = problem
         self.batch_size = batch_size
         self.num_batches = -(-total // batch_size)
         self.device = device
-        self.pool: dict[str, Tensor] = {}
-        self.order: dict[str, Tensor] = {}
+        self.positions: dict[str, Tensor] = {}  # task -> split positions of every draw, in batch order
+        self._latest: dict[str, tuple[int, Tensor]] = {}  # task -> (batch number, its inputs on the device)
         generator = torch.Generator().manual_seed(seed)
+        distinct_counts = []
+        draws = self.num_batches * batch_size
         for task in problem.tasks:
             distinct = min(total, problem.unlabeled_size(task))
-            self.pool[task] = problem.unlabeled(task, distinct, seed)
-            epochs = -(-self.num_batches * batch_size // distinct)
-            self.order[task] = torch.cat([torch.randperm(distinct, generator=generator) for _ in range(epochs)])
-        self.distinct_per_task = min(len(pool) for pool in self.pool.values())
+            drawn = problem.unlabeled_indices(task, distinct, seed)
+            epochs = -(-draws // distinct)
+            order = torch.cat([torch.randperm(distinct, generator=generator) for _ in range(epochs)])
+            self.positions[task] = drawn[order[:draws]]
+            distinct_counts.append(distinct)
+        self.distinct_per_task = min(distinct_counts)
 
     def batch(self, task: str, index: int) -> Tensor:
         """Batch ``index`` (taken modulo the number of batches) of ``task``."""
-        start = (index % self.num_batches) * self.batch_size
-        return self.pool[task][self.order[task][start : start + self.batch_size]].to(self.device, non_blocking=True)
+        number = index % self.num_batches
+        latest = self._latest.get(task)
+        if latest is None or latest[0] != number:
+            start = number * self.batch_size
+            inputs = self.problem.unlabeled_inputs(task, self.positions[task][start : start + self.batch_size])
+            latest = (number, inputs.to(self.device, non_blocking=True))
+            self._latest[task] = latest
+        return latest[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the drawn positions and the latest batch of each task (never the split's examples)."""
+        return sum(positions.nbytes for positions in self.positions.values()) + sum(
+            inputs.nbytes for _, inputs in self._latest.values())
 
 
 def plain_gradient(loss_fn: LossFn) -> GradientFn:

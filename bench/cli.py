@@ -109,7 +109,7 @@ def _param_lines(params_cls: type) -> list[str]:
 
 
 def list_methods() -> str:
-    lines = []
+    lines = [f"memory: {kind} = {meaning}" for kind, meaning in registry.MEMORY.items()]
     specs = registry.methods()
     for family in registry.FAMILIES:
         for name in sorted(n for n, s in specs.items() if s.family == family):
@@ -118,28 +118,36 @@ def list_methods() -> str:
             budget = spec.samples_per_task(spec.params())
             if budget:
                 data += f", up to {budget} per task"
-            lines.append(f"{name}  [{spec.family}; data: {data}]  {spec.description}")
+            lines.append(f"{name}  [{spec.family}; data: {data}; memory: {spec.memory}]  {spec.description}")
             lines += _param_lines(spec.params)
     return "\n".join(lines)
 
 
-def suite_readiness(spec: registry.SuiteSpec, cache_dir: Path, overrides: dict[str, str] | None = None) -> list[str]:
-    """What ``spec`` (at its default or the given parameters) still lacks in ``cache_dir``; empty when ready."""
-    return spec.missing(registry.build_params("suite", spec.params, overrides or {}), cache_dir)
+def suite_readiness(spec: registry.SuiteSpec, cache_dir: Path, needs: registry.DataNeeds = registry.ALL_DATA,
+                    overrides: dict[str, str] | None = None) -> list[str]:
+    """What ``spec`` (at its default or the given parameters) still lacks in ``cache_dir`` for methods reading
+    ``needs``; empty when ready."""
+    return spec.missing(registry.build_params("suite", spec.params, overrides or {}), cache_dir, needs)
 
 
-def _readiness_label(missing: list[str], spec: registry.SuiteSpec) -> str:
+def _readiness_label(spec: registry.SuiteSpec, cache_dir: Path) -> tuple[str, list[str]]:
+    """The suite's readiness in words, and what it lacks for every method. A suite that lacks only splits the
+    methods reading training data need is partly ready: the others run, those are skipped with the reason."""
     if spec.readiness is None:
-        return "ready: built offline on first use"
+        return "ready: built offline on first use", []
+    missing = suite_readiness(spec, cache_dir)
     if not missing:
-        return "ready: all artefacts cached"
-    return f"not ready: {len(missing)} artefact(s) missing (`bench prepare {spec.name}`)"
+        return "ready: all artefacts cached", []
+    if not suite_readiness(spec, cache_dir, registry.SCORED_SPLITS_ONLY):
+        return (f"partly ready: {len(missing)} artefact(s) missing, needed only by methods that read training data "
+                f"(`bench prepare {spec.name}`)", missing)
+    return f"not ready: {len(missing)} artefact(s) missing (`bench prepare {spec.name}`)", missing
 
 
 def list_suites(cache_dir: Path) -> str:
     lines = []
     for name, spec in sorted(registry.suites().items()):
-        lines.append(f"{name}  [{_readiness_label(suite_readiness(spec, cache_dir), spec)}]  {spec.description}")
+        lines.append(f"{name}  [{_readiness_label(spec, cache_dir)[0]}]  {spec.description}")
         lines += _param_lines(spec.params)
     return "\n".join(lines)
 
@@ -156,37 +164,62 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    """Which suites can run here (at their default parameters) and what each still lacks."""
+    """Which suites can run here (at their default parameters), what each still lacks, what each takes on disk."""
+    from bench.disk import UNKNOWN, doctor_lines
+
     cache_dir = cache_dir_of(args)
     print(f"cache: {cache_dir}")
     ready = 0
     for name, spec in sorted(registry.suites().items()):
-        missing = suite_readiness(spec, cache_dir)
+        label, missing = _readiness_label(spec, cache_dir)
         ready += not missing
-        print(f"{name}: {_readiness_label(missing, spec)}")
-        for line in missing:
-            print(f"    missing: {line}")
+        print(f"{name}: {label}")
+        params = registry.build_params("suite", spec.params, {})
+        sizes = spec.artefact_sizes(params, cache_dir, registry.ALL_DATA, online=False)
+        for line in doctor_lines(sizes) if sizes else [f"    missing: {line} ({UNKNOWN})" for line in missing]:
+            print(line)
     print(f"{ready} of {len(registry.suites())} suites ready here")
     return 0
 
 
+def methods_data_needs(text: str) -> registry.DataNeeds:
+    """What the methods of a ``--methods`` value (``all`` or a comma list) read besides the scored splits."""
+    from bench.runner import resolve_method_names
+
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise BenchError("--methods is empty; write --methods all or a comma list, e.g. --methods ties,task_arithmetic")
+    return registry.DataNeeds.of(registry.get_method(name) for name in resolve_method_names(names))
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
-    """Download every checkpoint and dataset the suite needs into the cache (resumable, verified)."""
+    """Download what the suite needs for the chosen methods into the cache (resumable, verified), after printing
+    the expected size and checking the free disk space."""
+    from bench.disk import PreparePlan, check_free_space, plan_lines
+    from bench.errors import prepare_command
+
     method_overrides, suite_overrides = parse_sets(args.set)
     if method_overrides:
         raise BenchError("bench prepare takes only --set suite.PARAM=VALUE (method parameters need no download)")
     spec = registry.get_suite(args.suite)
     params = registry.build_params("suite", spec.params, suite_overrides)
+    needs = methods_data_needs(args.methods)
     cache_dir = cache_dir_of(args)
     if spec.prepare is None:
         print(f"{spec.name} needs no download: it is built offline on first use")
         return 0
-    spec.prepare(params, cache_dir, not args.no_progress)
-    missing = spec.missing(params, cache_dir)
+    methods = "" if args.methods.strip() == "all" else args.methods.strip()
+    command = prepare_command(args.suite, " ".join(f"--set {item}" for item in args.set), methods)
+    plan = PreparePlan(spec.artefact_sizes(params, cache_dir, needs, online=True))
+    if plan.artefacts:
+        print("\n".join(plan_lines(spec.name, plan)), file=sys.stderr)
+        check_free_space(cache_dir, plan, command)
+    spec.run_prepare(params, cache_dir, not args.no_progress, needs)
+    missing = spec.missing(params, cache_dir, needs)
     if missing:
         raise BenchError(f"prepare {spec.name} finished but {len(missing)} artefact(s) are still missing, "
-                         f"first: {missing[0]}; rerun `bench prepare {spec.name}` to resume")
-    print(f"{spec.name} is ready in {cache_dir}")
+                         f"first: {missing[0]}; rerun `{command}` to resume")
+    print(f"{spec.name} is ready in {cache_dir}" + (f" for --methods {methods}" if methods else ""))
     return 0
 
 
@@ -439,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_prepare.add_argument("suite", help="suite name")
     p_prepare.add_argument("--set", action="append", default=[], metavar="suite.PARAM=VALUE",
                            help="suite parameter (repeatable), e.g. --set suite.backbone=vit-b-16")
+    p_prepare.add_argument("--methods", default="all",
+                           help="'all' or a comma list, as for `bench run`: train splits are fetched only when one of "
+                                "these methods reads them (default: all)")
     p_prepare.add_argument("--cache", default=None, help=CACHE_HELP)
     p_prepare.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p_prepare.set_defaults(func=cmd_prepare)

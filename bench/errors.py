@@ -37,8 +37,13 @@ class MissingArtifact(BenchError):
 def missing_artifact_error(suite: str, artefact: str, cache_dir: object, prepare_args: str = "") -> MissingArtifact:
     """``suite 'vit8' needs checkpoint openai/clip-vit-base-patch32, not in <cache>; on a connected machine run
     `bench prepare vit8` (...)``: one line naming the artefact and the command that fetches it."""
-    command = f"bench prepare {suite}{(' ' + prepare_args) if prepare_args else ''}"
+    command = prepare_command(suite, prepare_args)
     return MissingArtifact(
         f"suite '{suite}' needs {artefact}, which is not in the cache {cache_dir}; "
         f"run `{command}` on a machine with hub access (same --cache/BENCH_CACHE), then rerun"
     )
+
+
+def prepare_command(suite: str, prepare_args: str = "", methods: str = "") -> str:
+    """``bench prepare SUITE [--set suite.X=Y ...] [--methods a,b]``: the command that fetches what is missing."""
+    return " ".join(part for part in ("bench prepare", suite, prepare_args, methods and f"--methods {methods}") if part)

@@ -13,7 +13,7 @@ Granularity:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -26,13 +26,25 @@ GRANULARITIES = ("task", "layer")
 class TaskVectorStack:
     """θ0 and the K task vectors of every parameter tensor, stacked on one device: ``stack[key]`` is [K, *shape]."""
 
-    def __init__(self, base: StateDict, experts: Sequence[StateDict], device: torch.device | str = "cpu"):
-        self.keys = list(base)
+    def __init__(self, base: Mapping[str, Tensor], experts: Sequence[Mapping[str, Tensor]],
+                 device: torch.device | str = "cpu"):
+        # Sorted: gradients summed over keys (task-wise λ) must not depend on the order a loader handed the
+        # tensors over in (safetensors' load_file, for one, varies it from process to process).
+        self.keys = sorted(base)
         self.num_tasks = len(experts)
         self.base = {k: base[k].detach().to(device) for k in self.keys}
+        # Built key by key, so experts read from files are never held whole; kept in the base's dtype.
         self.stack = {
-            k: torch.stack([expert[k].detach().to(device) - self.base[k] for expert in experts]) for k in self.keys
+            k: torch.stack([expert[k].detach().to(device=device, dtype=self.base[k].dtype) - self.base[k]
+                            for expert in experts])
+            for k in self.keys
         }
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held on the device: θ0 and the K stacked task vectors."""
+        tensors = [*self.base.values(), *self.stack.values()]
+        return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
     @property
     def device(self) -> torch.device:

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from bench.errors import BenchError
-from bench.problem import StateDict, check_compatible
+from bench.model_pool import KeyReader, check_compatible, dtype_of, read_flat, shape_of
+from bench.problem import StateDict
 
 BLOCK_COLUMNS = 1 << 18
 """Entries of one tensor processed together (per expert): K × 1 MiB of fp32 scratch, cache friendly."""
@@ -206,28 +207,23 @@ class PlainTaskVectors:
         self.base = base
         self.experts = list(experts)
         self.count = len(self.experts)
-        # key -> flat views of the base's and every expert's tensor, plus the same as numpy arrays when they
-        # are fp32/fp64 on CPU. Views of contiguous tensors cost nothing to keep; copies of non-contiguous
-        # ones are kept for the current key only.
-        self._views: dict[str, tuple[list[Tensor], list[np.ndarray] | None]] = {}
-        self._copies: dict[str, tuple[list[Tensor], list[np.ndarray] | None]] = {}
+        # Flat views of the current key's base and expert tensors (plus numpy views when they are fp32/fp64
+        # on CPU). Only one key is held (and the next one being read ahead, for experts read from files):
+        # keeping every key's would hold K whole models.
+        self._reader = KeyReader([base, *self.experts], mergeable_keys(base))
+        self._key: str | None = None
         self._arrays: list[np.ndarray] | None = None
         self._flats: list[Tensor] = []
 
     def flats(self, key: str) -> list[Tensor]:
         """Flat views of the base's and then every expert's ``key``."""
-        entry = self._views.get(key) or self._copies.get(key)
-        if entry is None:
-            tensors = [self.base[key]] + [expert[key] for expert in self.experts]
-            flats = [flat(tensor) for tensor in tensors]
+        if key != self._key:
+            self._flats, self._arrays = [], None  # drop the previous key's tensors before reading the next
+            flats = [flat(tensor) for tensor in self._reader.get(key)]
             dtype = flats[0].dtype
             numpy_ok = dtype == work_dtype(dtype) and all(numpy_compatible(tensor) for tensor in flats)
-            entry = (flats, [tensor.numpy() for tensor in flats] if numpy_ok else None)
-            if all(tensor.is_contiguous() for tensor in tensors):
-                self._views[key] = entry
-            else:
-                self._copies = {key: entry}
-        self._flats, self._arrays = entry
+            self._flats, self._arrays = flats, [tensor.numpy() for tensor in flats] if numpy_ok else None
+            self._key = key
         return self._flats
 
     def difference(self, key: str, index: int, start: int, stop: int, out: Tensor) -> Tensor:
@@ -237,6 +233,11 @@ class PlainTaskVectors:
             np.subtract(self._arrays[index + 1][start:stop], self._arrays[0][start:stop], out=out.numpy())
             return out
         return difference_into(out, flats[index + 1][start:stop], flats[0][start:stop])
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the experts are read from files (then a sample should read little of them)."""
+        return self._reader.streamed
 
     def fill(self, key: str, start: int, stop: int, out: Tensor) -> Tensor:
         for index, row in enumerate(out):
@@ -256,12 +257,16 @@ class PlainTaskVectors:
         return out
 
     def sample(self, key: str, positions: Tensor) -> Tensor:
-        base_flat, *expert_flats = self.flats(key)
-        dtype = work_dtype(base_flat.dtype)
-        base_values = base_flat.index_select(0, positions).to(dtype)
-        return torch.stack(
-            [tensor.index_select(0, positions).to(dtype) - base_values for tensor in expert_flats]
-        )
+        # Only the window the (sorted) positions span is read, so a sample clustered in runs reads little.
+        first, last = int(positions[0]), int(positions[-1]) + 1
+        if key == self._key:
+            windows = [tensor[first:last] for tensor in self._flats]
+        else:
+            windows = [read_flat(source, key, first, last) for source in (self.base, *self.experts)]
+        local = positions - first
+        dtype = work_dtype(windows[0].dtype)
+        base_values = windows[0].index_select(0, local).to(dtype)
+        return torch.stack([window.index_select(0, local).to(dtype) - base_values for window in windows[1:]])
 
     def rewind(self) -> None:
         pass
@@ -270,7 +275,7 @@ class PlainTaskVectors:
 def mergeable_keys(base: StateDict) -> list[str]:
     """Mergeable keys in sorted order: random streams (DARE masks) are consumed in this order, so results must
     not depend on a state dict's insertion order (safetensors, for one, does not preserve it across processes)."""
-    return sorted(key for key, tensor in base.items() if is_mergeable(tensor))
+    return sorted(key for key in base if dtype_of(base, key).is_floating_point)
 
 
 def start_output(base: StateDict) -> StateDict:
@@ -348,7 +353,10 @@ DIRECT_LIMIT = 1 << 16
 """Inputs with at most this many entries per row are selected directly (no sampling)."""
 SAMPLE_SIZE = 1 << 18
 COLLECT_LIMIT = 1 << 20
-"""Most in-band entries per row gathered before falling back to bisection (4 MiB of fp32 per row)."""
+"""Fewest in-band entries per row gathered before falling back to bisection (4 MiB of fp32 per row) ..."""
+COLLECT_BUDGET = 1 << 26
+"""... and a row may gather more while all rows together stay within this many (256 MiB of fp32): a model-wide
+band of 20 rows of 300M entries holds ~2.4M entries a row, and one scan pass then settles it."""
 BAND_SIGMAS = 5.0
 
 
@@ -417,19 +425,20 @@ class TaskVectorMagnitudes:
         self.chunks = [
             (key, start, stop)
             for key in keys
-            for start, stop in column_blocks(source.base[key].numel(), block)
+            for start, stop in column_blocks(shape_of(source.base, key).numel(), block)
         ]
         self.rows = source.count
         self.sizes = [stop - start for _, start, stop in self.chunks]
+        self.clustered_sample = getattr(source, "streamed", False)
         self.dtype = (
-            torch.float64 if any(source.base[k].dtype == torch.float64 for k in keys) else torch.float32
+            torch.float64 if any(dtype_of(source.base, k) == torch.float64 for k in keys) else torch.float32
         )
 
     def values(self, index: int) -> Tensor:
         if index == 0:
             self.source.rewind()
         key, start, stop = self.chunks[index]
-        out = self.scratch.get("tau", (self.rows, stop - start), work_dtype(self.source.base[key].dtype))
+        out = self.scratch.get("tau", (self.rows, stop - start), work_dtype(dtype_of(self.source.base, key)))
         return self.source.fill(key, start, stop, out).abs_().to(self.dtype)
 
     def sample(self, index: int, positions: Tensor) -> Tensor:
@@ -476,11 +485,13 @@ def kth_largest_rows(
     ks: Sequence[int],
     *,
     sample_size: int = SAMPLE_SIZE,
-    collect_limit: int = COLLECT_LIMIT,
+    collect_limit: int | None = None,
     direct_limit: int = DIRECT_LIMIT,
 ) -> list[float]:
     """For every row r, the ``ks[r]``-th largest entry of the row's chunks (exact; see above)."""
     rows, total = chunks.rows, sum(chunks.sizes)
+    if collect_limit is None:
+        collect_limit = max(COLLECT_LIMIT, COLLECT_BUDGET // max(rows, 1))
     ks = [int(k) for k in ks]
     if len(ks) != rows:
         raise ValueError(f"need one k per row: {rows} rows, {len(ks)} values of k")
@@ -554,8 +565,15 @@ def _draw_sample(chunks: RowChunks, total: int, sample_size: int) -> Tensor:
     chunk_ids = torch.searchsorted(offsets, positions, right=True) - 1
     ids, counts = torch.unique_consecutive(chunk_ids, return_counts=True)
     parts, first = [], 0
+    runs = torch.Generator().manual_seed(1)
     for chunk_id, count in zip(ids.tolist(), counts.tolist(), strict=True):
-        local = positions[first : first + count] - offsets[chunk_id]
+        if getattr(chunks, "clustered_sample", False):
+            # The chunk's share of the sample as one run at a random place: a reader of files then reads a few
+            # hundred bytes per chunk instead of every page (entries of one block of a tensor are alike).
+            start = int(torch.randint(0, chunks.sizes[chunk_id] - count + 1, (1,), generator=runs))
+            local = torch.arange(start, start + count)
+        else:
+            local = positions[first : first + count] - offsets[chunk_id]
         parts.append(chunks.sample(chunk_id, local))
         first += count
     return torch.cat(parts, dim=1)
@@ -774,7 +792,7 @@ def ties_merge_task_vectors(
     out = start_output(base)
     global_thresholds: list[float | None] = []
     if trim_scope == "global":
-        total = sum(base[key].numel() for key in keys)
+        total = sum(shape_of(base, key).numel() for key in keys)
         kept = keep_count(total, k)
         global_thresholds = (
             kth_largest_rows(TaskVectorMagnitudes(source, keys, scratch, block), [kept] * source.count)

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bench.model_pool import ModelPool, check_compatible  # noqa: F401  (check_compatible: re-exported)
+
 StateDict = dict[str, Tensor]
 
 
@@ -52,15 +54,26 @@ class MergeProblem(abc.ABC):
     cpu_threads: int | None = None
 
     @abc.abstractmethod
-    def pretrained(self) -> StateDict:
-        """θ0: the weights that get merged (CPU tensors; callers must not modify them in place)."""
+    def pretrained(self) -> Mapping[str, Tensor]:
+        """θ0: the weights that get merged (CPU tensors; callers must not modify them in place).
+
+        A state dict, or a :class:`bench.model_pool.Weights` reader that reads one tensor at a time.
+        """
 
     @abc.abstractmethod
-    def expert(self, task: str) -> StateDict:
-        """θ_task, same keys and shapes as :meth:`pretrained` (callers must not modify in place)."""
+    def expert(self, task: str) -> Mapping[str, Tensor]:
+        """θ_task, same keys and shapes as :meth:`pretrained` (callers must not modify in place).
 
-    def experts(self) -> list[StateDict]:
+        Suites with real checkpoints return a reader over the files, so that merging K experts never holds K
+        whole models in memory.
+        """
+
+    def experts(self) -> list[Mapping[str, Tensor]]:
         return [self.expert(task) for task in self.tasks]
+
+    def model_pool(self) -> ModelPool:
+        """The base and every expert as readers, in task order."""
+        return ModelPool(self.pretrained(), {task: self.expert(task) for task in self.tasks})
 
     @abc.abstractmethod
     def logits(self, params: StateDict, task: str, inputs: Tensor) -> Tensor:
@@ -75,11 +88,21 @@ class MergeProblem(abc.ABC):
         return {task: self.logits(params, task, inputs) for task, inputs in batches.items()}
 
     @abc.abstractmethod
-    def unlabeled(self, task: str, n: int, seed: int) -> Tensor:
-        """``n`` unlabeled inputs of ``task``, drawn with ``seed`` from the protocol's adaptation split."""
+    def unlabeled_indices(self, task: str, n: int, seed: int) -> Tensor:
+        """Positions (int64 [n]) of ``n`` distinct examples of ``task``'s adaptation split under the protocol,
+        drawn with ``seed``; a smaller ``n`` with the same seed gives a prefix of a larger draw.
+
+        Only positions: the inputs are gathered batch by batch with :meth:`unlabeled_inputs`, so an adaptation
+        pool costs 8 bytes per example in memory however large the examples are.
+        """
+
+    @abc.abstractmethod
+    def unlabeled_inputs(self, task: str, indices: Tensor) -> Tensor:
+        """Model inputs of the adaptation split's examples at ``indices``, in that order (one batch, read from
+        the suite's stored examples and preprocessed now)."""
 
     def unlabeled_size(self, task: str) -> int:
-        """How many distinct examples :meth:`unlabeled` can draw for ``task`` under the protocol."""
+        """How many distinct examples :meth:`unlabeled_indices` can draw for ``task`` under the protocol."""
         raise NotImplementedError(f"{type(self).__name__} does not say how much unlabeled data it has")
 
     @abc.abstractmethod
@@ -121,10 +144,10 @@ class MergeContext:
     def tasks(self) -> list[str]:
         return self.problem.tasks
 
-    def pretrained(self) -> StateDict:
+    def pretrained(self) -> Mapping[str, Tensor]:
         return self.problem.pretrained()
 
-    def experts(self) -> list[StateDict]:
+    def experts(self) -> list[Mapping[str, Tensor]]:
         return self.problem.experts()
 
     def memo(self, key: tuple, factory: Callable[[], Any]) -> Any:
@@ -137,31 +160,28 @@ class MergeContext:
             self.shared[key] = factory()
         return self.shared[key]
 
+    def note_held(self, what: str, tensors: Any) -> None:
+        """Record in the run's notes the bytes a ``stacked`` method holds at once (``tensors``: a tensor, or
+        nested lists/dicts of them, or an object with ``nbytes``)."""
+        self.notes.setdefault("held_bytes", {})[what] = held_bytes(tensors)
+
     def adapt_phase(self) -> contextlib.AbstractContextManager:
         """Wrap test-time optimisation in this so the runner reports it as the `adapt` phase."""
         return self.timer.phase("adapt") if self.timer is not None else contextlib.nullcontext()
-
-
-def check_compatible(base: StateDict, experts: Sequence[StateDict], names: Sequence[str]) -> None:
-    """Fail before any work when an expert's keys or shapes differ from the base, naming the first."""
-    from bench.errors import BenchError
-
-    for name, expert in zip(names, experts, strict=True):
-        missing = [k for k in base if k not in expert]
-        extra = [k for k in expert if k not in base]
-        if missing or extra:
-            key = (missing or extra)[0]
-            where = "missing from" if missing else "not in the base but in"
-            raise BenchError(f"tensor '{key}' is {where} expert '{name}'; experts must share the base architecture")
-        for key, tensor in base.items():
-            if expert[key].shape != tensor.shape:
-                raise BenchError(
-                    f"expert '{name}' tensor '{key}' has shape {tuple(expert[key].shape)}, "
-                    f"base has {tuple(tensor.shape)}; experts must be fine-tuned from the same base"
-                )
 
 
 def iter_task_vectors(base: StateDict, experts: Sequence[StateDict]) -> Iterator[StateDict]:
     """τ_i = θ_i − θ0, one expert at a time (never all K at once)."""
     for expert in experts:
         yield {k: expert[k] - v for k, v in base.items()}
+
+
+def held_bytes(tensors: Any) -> int:
+    """Total bytes of the tensors in ``tensors`` (a tensor, a mapping or sequence of them, or has ``nbytes``)."""
+    if isinstance(tensors, Tensor):
+        return tensors.numel() * tensors.element_size()
+    if isinstance(tensors, Mapping):
+        return sum(held_bytes(value) for value in tensors.values())
+    if isinstance(tensors, (list, tuple)):
+        return sum(held_bytes(value) for value in tensors)
+    return int(tensors.nbytes)

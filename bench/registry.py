@@ -22,7 +22,7 @@ import dataclasses
 import importlib
 import pkgutil
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,17 @@ from bench.errors import BenchError, unknown_name_error
 
 FAMILIES = ("reference", "data-free", "test-time", "data-using")
 DATA_ACCESS = ("none", "unlabeled", "labeled")
+CAPABILITIES = {
+    "class_logits": "per-class logits of the merged model on a task's inputs (a forward to optimise through)",
+    "unlabeled_data": "unlabeled inputs of each task (the protocol's adaptation split)",
+    "labeled_data": "labeled examples of each task (a training split)",
+    "linear_inputs": "the inputs of every merged linear layer on given examples",
+}
+"""What a suite can give a method besides its weights; methods declare which they need (``needs``)."""
+MEMORY = {
+    "streamed": "reads the experts one tensor at a time: one merged model + K × the largest tensor",
+    "stacked": "holds all K task vectors (or per-expert statistics) at once on the run's device",
+}
 
 
 def param(
@@ -152,9 +163,43 @@ class MethodSpec:
     description: str
     fn: Callable[..., Any]
     budget: Callable[[Any], int] | None = None
+    memory: str = "streamed"
+    needs: tuple[str, ...] = ()  # CAPABILITIES the suite must have for the method to apply
 
     def samples_per_task(self, params: Any) -> int:
         return self.budget(params) if self.budget else 0
+
+
+@dataclass(frozen=True)
+class DataNeeds:
+    """What the selected methods read besides each task's scored split. A suite maps it to the splits it fetches
+    and checks: labeled examples come from a train split, and so does the unlabeled pool of an inductive protocol."""
+
+    labeled: bool = True  # some method reads labeled examples (data="labeled": Fisher, RegMean)
+    unlabeled: bool = True  # some method reads unlabeled inputs (data="unlabeled": the test-time methods)
+
+    @classmethod
+    def of(cls, specs: Iterable[MethodSpec]) -> DataNeeds:
+        access = {spec.data for spec in specs}
+        return cls(labeled="labeled" in access, unlabeled="unlabeled" in access)
+
+    def train_split(self, protocol: str) -> bool:
+        """Whether a suite whose inductive pool is its train split needs that split under ``protocol``."""
+        return self.labeled or (self.unlabeled and protocol == "inductive")
+
+
+ALL_DATA = DataNeeds()  # every method may run: what `bench prepare` fetches by default
+SCORED_SPLITS_ONLY = DataNeeds(labeled=False, unlabeled=False)  # what every method needs
+
+
+@dataclass(frozen=True)
+class ArtefactSize:
+    """One artefact of a suite and its size: on disk once prepared, else what the hub says ``prepare`` fetches."""
+
+    description: str  # as readiness names it
+    present_bytes: int | None  # bytes in the cache when prepared; None when it is (completely) missing
+    expected_bytes: int | None  # hub size of the files prepare fetches; None when unknown (offline, by hand)
+    scratch_bytes: int = 0  # temporary space prepare needs beside it while converting (a dataset's download)
 
 
 @dataclass(frozen=True)
@@ -163,13 +208,30 @@ class SuiteSpec:
     params: type
     description: str
     fn: Callable[..., Any]
-    # readiness(params, cache_dir) -> one line per artefact still missing from the cache (empty: ready here).
-    readiness: Callable[[Any, Any], list[str]] | None = None
-    # prepare(params, cache_dir, progress): download and verify everything the suite needs (connected machine).
-    prepare: Callable[[Any, Any, bool], None] | None = None
+    # readiness(params, cache_dir, needs) -> one line per artefact still missing from the cache (empty: ready here);
+    # ``needs`` (DataNeeds) says which optional splits count.
+    readiness: Callable[[Any, Any, DataNeeds], list[str]] | None = None
+    # prepare(params, cache_dir, progress, needs): download and verify what the suite needs (connected machine).
+    prepare: Callable[[Any, Any, bool, DataNeeds], None] | None = None
+    # sizes(params, cache_dir, needs, online) -> ArtefactSize per artefact; ``online`` may ask the hub for sizes.
+    sizes: Callable[[Any, Any, DataNeeds, bool], list[ArtefactSize]] | None = None
+    # capabilities(params) -> the CAPABILITIES this configuration has, known before anything is loaded.
+    capabilities: Callable[[Any], Iterable[str]] = lambda params: tuple(CAPABILITIES)
 
-    def missing(self, params: Any, cache_dir: Any) -> list[str]:
-        return self.readiness(params, cache_dir) if self.readiness else []
+    def lacks(self, params: Any, method: MethodSpec) -> list[str]:
+        """The capabilities ``method`` needs that this suite configuration cannot give (empty: it applies)."""
+        have = set(self.capabilities(params))
+        return [need for need in method.needs if need not in have]
+
+    def missing(self, params: Any, cache_dir: Any, needs: DataNeeds = ALL_DATA) -> list[str]:
+        return self.readiness(params, cache_dir, needs) if self.readiness else []
+
+    def run_prepare(self, params: Any, cache_dir: Any, progress: bool, needs: DataNeeds = ALL_DATA) -> None:
+        if self.prepare is not None:
+            self.prepare(params, cache_dir, progress, needs)
+
+    def artefact_sizes(self, params: Any, cache_dir: Any, needs: DataNeeds, online: bool) -> list[ArtefactSize]:
+        return self.sizes(params, cache_dir, needs, online) if self.sizes else []
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -184,8 +246,21 @@ def register_method(
     params: type = NoParams,
     data: str = "none",
     budget: Callable[[Any], int] | None = None,
+    memory: str = "streamed",
+    needs: tuple[str, ...] = (),
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register ``fn(ctx, params) -> StateDict | PerTaskWeights`` under ``name``."""
+    """Register ``fn(ctx, params) -> StateDict | PerTaskWeights`` under ``name``.
+
+    ``memory`` declares what the method holds at once (:data:`MEMORY`): ``streamed`` methods read the experts
+    tensor by tensor; ``stacked`` ones keep every task vector (or per-expert statistics) on the device.
+    ``needs`` lists the suite :data:`CAPABILITIES` it uses; the runner skips it, with the reason, on a suite
+    that lacks one, before loading anything.
+    """
+    unknown = [need for need in needs if need not in CAPABILITIES]
+    if unknown:
+        raise ValueError(f"needs: unknown capability {unknown[0]!r}; known: {', '.join(CAPABILITIES)}")
+    if memory not in MEMORY:
+        raise ValueError(f"memory must be one of {tuple(MEMORY)}, got {memory!r}")
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if data not in DATA_ACCESS:
@@ -194,7 +269,7 @@ def register_method(
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in _METHODS and _METHODS[name].fn is not fn:
             raise ValueError(f"method {name!r} registered twice")
-        _METHODS[name] = MethodSpec(name, family, data, params, description, fn, budget)
+        _METHODS[name] = MethodSpec(name, family, data, params, description, fn, budget, memory, tuple(needs))
         return fn
 
     return decorator
@@ -205,22 +280,44 @@ def register_suite(
     *,
     description: str,
     params: type = NoParams,
-    readiness: Callable[[Any, Any], list[str]] | None = None,
-    prepare: Callable[[Any, Any, bool], None] | None = None,
+    readiness: Callable[[Any, Any, DataNeeds], list[str]] | None = None,
+    prepare: Callable[[Any, Any, bool, DataNeeds], None] | None = None,
+    sizes: Callable[[Any, Any, DataNeeds, bool], list[ArtefactSize]] | None = None,
+    capabilities: Iterable[str] | Callable[[Any], Iterable[str]] = tuple(CAPABILITIES),
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn(params, cache_dir, progress) -> MergeProblem`` under ``name``.
 
+    ``capabilities`` (:data:`CAPABILITIES`, or a function of the suite's parameters giving them) says what the
+    suite can give methods besides weights; by default all of them.
+
     Suites built offline need neither ``readiness`` nor ``prepare``; suites whose checkpoints or datasets come
-    from a hub give both (``bench doctor`` / ``bench list suites`` and ``bench prepare`` call them).
+    from a hub give both (``bench doctor`` / ``bench list suites`` and ``bench prepare`` call them), and ``sizes``
+    for the expected and used disk space (``bench prepare`` prints and checks it, ``bench doctor`` shows it).
     """
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in _SUITES and _SUITES[name].fn is not fn:
             raise ValueError(f"suite {name!r} registered twice")
-        _SUITES[name] = SuiteSpec(name, params, description, fn, readiness, prepare)
+        _SUITES[name] = SuiteSpec(name, params, description, fn, readiness, prepare, sizes,
+                                  capabilities_of(capabilities))
         return fn
 
     return decorator
+
+
+def capabilities_of(declared: Iterable[str] | Callable[[Any], Iterable[str]]) -> Callable[[Any], tuple[str, ...]]:
+    """A suite's declaration as a function of its parameters, checked against :data:`CAPABILITIES`."""
+    def checked(values: Iterable[str]) -> tuple[str, ...]:
+        values = tuple(values)
+        unknown = [value for value in values if value not in CAPABILITIES]
+        if unknown:
+            raise ValueError(f"capabilities: unknown {unknown[0]!r}; known: {', '.join(CAPABILITIES)}")
+        return values
+
+    if callable(declared):
+        return lambda params: checked(declared(params))
+    fixed = checked(declared)
+    return lambda params: fixed
 
 
 def _import_package_modules(package_name: str) -> None:
@@ -247,12 +344,25 @@ def get_method(name: str) -> MethodSpec:
     return registry[name]
 
 
-def get_suite(name: str) -> SuiteSpec:
-    if name.endswith(".toml") or name.startswith("custom:"):  # a suite file (suites/custom.py), never listed
-        from suites.custom import file_suite
+def methods_reading(data: str) -> list[str]:
+    """The registered methods with this data access (``DATA_ACCESS``), by name."""
+    return sorted(name for name, spec in methods().items() if spec.data == data)
 
-        return file_suite(name)
-    registry = suites()
+
+def register_suite_resolver(claims: Callable[[str], bool], resolve: Callable[[str], SuiteSpec]) -> None:
+    """Let a plugin answer suite names no registered suite has (e.g. a suite file's path): ``resolve(name)`` for
+    every name ``claims(name)`` accepts. Such suites are never listed."""
+    _SUITE_RESOLVERS.append((claims, resolve))
+
+
+_SUITE_RESOLVERS: list[tuple[Callable[[str], bool], Callable[[str], SuiteSpec]]] = []
+
+
+def get_suite(name: str) -> SuiteSpec:
+    registry = suites()  # imports every suite module, so their resolvers are registered too
+    for claims, resolve in _SUITE_RESOLVERS:
+        if claims(name):
+            return resolve(name)
     if name not in registry:
         raise unknown_name_error("suite", name, registry)
     return registry[name]

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from bench import registry
 from bench.errors import BenchError, MethodNotApplicable, missing_artifact_error
 from bench.measure import PeakMemory, PhaseTimer, environment, resolve_device, torch_threads
-from bench.problem import MergeContext, MergeProblem, PerTaskWeights, StateDict, check_compatible
+from bench.problem import MergeContext, MergeProblem, PerTaskWeights, StateDict
 from bench.store import ResultsStore, config_hash, pack_correct
 
 REFERENCE_FOR_NORMALIZATION = "individual"
@@ -130,14 +130,16 @@ def prepare_args(suite_overrides: Mapping[str, Any]) -> str:
 
 def load_problem(config: RunConfig, suite_params: Any, timer: PhaseTimer) -> MergeProblem:
     spec = registry.get_suite(config.suite)
-    missing = spec.missing(suite_params, Path(config.cache_dir))
+    # What every method needs; a split only some methods read (e.g. a train split `bench prepare --methods` left
+    # out) is checked when one asks for it, and that method is skipped with the reason.
+    missing = spec.missing(suite_params, Path(config.cache_dir), registry.SCORED_SPLITS_ONLY)
     if missing:
         raise missing_artifact_error(config.suite, missing[0] + (f" (and {len(missing) - 1} more)" if len(missing) > 1
                                                                  else ""), config.cache_dir,
                                      prepare_args(config.suite_overrides))
     with timer.phase("load"):
         problem = spec.fn(suite_params, Path(config.cache_dir), config.progress)
-        check_compatible(problem.pretrained(), problem.experts(), problem.tasks)
+        problem.model_pool().check()  # from the readers' headers: no expert is read here
     return problem
 
 
@@ -266,6 +268,24 @@ def _normalize_reference(record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+def drop_inapplicable(jobs: list[Job], suite_spec: registry.SuiteSpec, suite_params: Any, summary: RunSummary,
+                      log: Callable[[str], None]) -> list[Job]:
+    """The jobs whose method's needs the suite configuration meets; the others are reported, before anything is
+    loaded, with what the suite lacks."""
+    kept, reported = [], set()
+    for job in jobs:
+        lacking = suite_spec.lacks(suite_params, job.method)
+        if not lacking:
+            kept.append(job)
+        elif job.method.name not in reported:
+            reported.add(job.method.name)
+            reason = f"suite {suite_spec.name} cannot give {' or '.join(lacking)} " \
+                     f"({'; '.join(registry.CAPABILITIES[need] for need in lacking)})"
+            summary.not_applicable.append((job.method.name, reason))
+            log(f"skipped {job.method.name}: {reason}")
+    return kept
+
+
 def execute(
     config: RunConfig,
     grid: Grid | None = None,
@@ -288,6 +308,7 @@ def execute(
             log(f"resume: {summary.skipped_recorded} of {len(jobs)} configurations already recorded, skipping them")
     else:
         pending = jobs
+    pending = drop_inapplicable(pending, suite_spec, suite_params, summary, log)
     if not pending:
         return summary
 

@@ -47,6 +47,7 @@ def adamerging(ctx: MergeContext, p: AdaMergingParams, granularity: str) -> Stat
     ctx.notes["samples_per_task"] = batches.distinct_per_task
     stack = ctx.memo(("task_vectors", str(ctx.device)),
                      lambda: TaskVectorStack(ctx.pretrained(), ctx.experts(), ctx.device))
+    ctx.note_held("task_vectors", stack)
 
     def loss_fn(lambdas: Tensor, step: int) -> Tensor:
         logits = problem.logits_per_task(stack.merge(lambdas), {t: batches.batch(t, step) for t in problem.tasks})
@@ -69,12 +70,14 @@ def _budget(p: AdaMergingParams) -> int:
 
 
 @register_method("adamerging_tw", family="test-time", params=AdaMergingParams, data="unlabeled", budget=_budget,
+                 memory="stacked", needs=("class_logits", "unlabeled_data"),
                  description="AdaMerging task-wise: one λ per expert, entropy minimisation on unlabeled data")
 def merge_task_wise(ctx: MergeContext, p: AdaMergingParams) -> StateDict:
     return adamerging(ctx, p, "task")
 
 
 @register_method("adamerging_lw", family="test-time", params=AdaMergingParams, data="unlabeled", budget=_budget,
+                 memory="stacked", needs=("class_logits", "unlabeled_data"),
                  description="AdaMerging layer-wise: one λ per expert per tensor, entropy minimisation")
 def merge_layer_wise(ctx: MergeContext, p: AdaMergingParams) -> StateDict:
     return adamerging(ctx, p, "layer")

@@ -122,6 +122,10 @@ class DareTaskVectors:
         self.scratch = Scratch()
         self._scales = [1.0 / (1.0 - p) if rescale == "inverse_keep" else 1.0] * self.count
 
+    @property
+    def streamed(self) -> bool:
+        return self.plain.streamed
+
     def rewind(self) -> None:
         for stream in self.masks:
             stream.rewind()

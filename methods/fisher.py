@@ -66,7 +66,8 @@ def diagonal_fisher(
 
 
 @register_method("fisher", family="data-using", params=FisherParams, data="labeled",
-                 budget=lambda p: p.num_samples,
+                 budget=lambda p: p.num_samples, memory="stacked",
+                 needs=("class_logits", "labeled_data"),
                  description="Fisher-weighted averaging with each expert's diagonal Fisher (sampled labels)")
 def merge(ctx: MergeContext, p: FisherParams) -> StateDict:
     problem = ctx.problem
@@ -77,4 +78,6 @@ def merge(ctx: MergeContext, p: FisherParams) -> StateDict:
 
         return diagonal_fisher(log_probs, expert, inputs, ctx.generator)
 
-    return fisher_weighted_average(ctx.experts(), per_expert_statistics(ctx, p.num_samples, fisher), p.floor)
+    fishers = per_expert_statistics(ctx, p.num_samples, fisher)
+    ctx.note_held("fisher_diagonals", fishers)
+    return fisher_weighted_average(ctx.experts(), fishers, p.floor)

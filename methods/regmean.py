@@ -59,11 +59,14 @@ def gram_matrices(inputs_per_key: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 @register_method("regmean", family="data-using", params=RegMeanParams, data="labeled",
-                 budget=lambda p: p.num_samples,
+                 budget=lambda p: p.num_samples, memory="stacked",
+                 needs=("linear_inputs", "labeled_data"),
                  description="RegMean: closed-form least-squares merge of linear layers from input Gram matrices")
 def merge(ctx: MergeContext, p: RegMeanParams) -> StateDict:
     def grams(expert: StateDict, task: str, inputs: Tensor) -> StateDict:
         with torch.no_grad():
             return gram_matrices(ctx.problem.linear_inputs(expert, task, inputs))
 
-    return regmean_merge(ctx.experts(), per_expert_statistics(ctx, p.num_samples, grams), p.alpha)
+    statistics = per_expert_statistics(ctx, p.num_samples, grams)
+    ctx.note_held("gram_matrices", statistics)
+    return regmean_merge(ctx.experts(), statistics, p.alpha)

@@ -111,6 +111,7 @@ def samerging(ctx: MergeContext, p: SAMergingParams, granularity: str) -> StateD
         key = ("samerging_teacher_logits", ctx.seed, p.num_batches, p.batch_size, str(ctx.device))
         teacher_logits = ctx.memo(key, lambda: cache_teacher_logits(ctx, batches))
     stack = ctx.memo(("task_vectors", str(ctx.device)), lambda: TaskVectorStack(base, ctx.experts(), ctx.device))
+    ctx.note_held("task_vectors", stack)
 
     def loss_fn(lambdas: Tensor, step: int) -> Tensor:
         batch_index = step % batches.num_batches
@@ -149,12 +150,14 @@ def _budget(p: SAMergingParams) -> int:
 
 
 @register_method("samerging", family="test-time", params=SAMergingParams, data="unlabeled", budget=_budget,
+                 memory="stacked", needs=("class_logits", "unlabeled_data"),
                  description="SAMerging layer-wise: multi-teacher KD of λ with sharpness-aware minimisation")
 def merge_layer_wise(ctx: MergeContext, p: SAMergingParams) -> StateDict:
     return samerging(ctx, p, "layer")
 
 
 @register_method("samerging_tw", family="test-time", params=SAMergingTaskWiseParams, data="unlabeled", budget=_budget,
+                 memory="stacked", needs=("class_logits", "unlabeled_data"),
                  description="SAMerging task-wise: one λ per expert, multi-teacher KD with SAM")
 def merge_task_wise(ctx: MergeContext, p: SAMergingParams) -> StateDict:
     return samerging(ctx, p, "task")

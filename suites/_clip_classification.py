@@ -270,7 +270,7 @@ class ClipClassificationProblem(MergeProblem):
     ``encoder`` is a template module: its own weights are never used, every forward substitutes the given
     state dict with ``torch.func.functional_call`` (strictly, so a state dict missing a key fails loudly).
     ``prepare`` turns stored images into encoder inputs (e.g. uint8 -> normalised float); the samplers return
-    prepared inputs. Under the ``transductive`` protocol ``unlabeled`` draws from the test split (the
+    prepared inputs. Under the ``transductive`` protocol ``unlabeled_indices`` draws from the test split (the
     published AdaMerging protocol); under ``inductive`` it draws from the separate ``unlabeled`` split.
     ``cpu_threads`` caps torch's threads on the CPU (the runner applies it to whole jobs, this class to
     evaluation): for tiny models on a shared machine, OpenMP workers waiting on each other make a second thread
@@ -362,10 +362,13 @@ class ClipClassificationProblem(MergeProblem):
     def adaptation_split(self) -> str:
         return "test" if self.protocol == "transductive" else "unlabeled"
 
-    def unlabeled(self, task: str, n: int, seed: int) -> Tensor:
-        split_name = self.adaptation_split()
-        indices = self._draw(task, split_name, n, seed, "unlabeled")
-        return self._prepare(self.split(task, split_name).images[indices])
+    def unlabeled_indices(self, task: str, n: int, seed: int) -> Tensor:
+        return self._draw(task, self.adaptation_split(), n, seed, "unlabeled")
+
+    def unlabeled_inputs(self, task: str, indices: Tensor) -> Tensor:
+        """Gathers only these images from the stored split (a tensor, the memory-mapped uint8 store, or images
+        decoded from the dataset on access) and prepares them."""
+        return self._prepare(self.split(task, self.adaptation_split()).images[indices])
 
     def unlabeled_size(self, task: str) -> int:
         return len(self.split(task, self.adaptation_split()))

@@ -22,7 +22,7 @@ import contextlib
 import io
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,8 @@ from torch.func import functional_call
 
 from bench.errors import BenchError, unknown_name_error
 from bench.measure import torch_threads
-from bench.problem import MergeProblem, StateDict, TaskMetrics, check_compatible
+from bench.model_pool import MappedWeights, SafetensorsWeights, check_compatible
+from bench.problem import MergeProblem, StateDict, TaskMetrics
 from suites._torchvision_compat import ensure_torchvision_importable
 
 PAD = -1
@@ -128,6 +129,29 @@ class MergedParameters:
             value = parameter.detach().to("cpu")
             merged[key] = (value.T if key in self.transposed else value).contiguous().clone()
         return merged
+
+    def checkpoint_reader(self, folder: Path, label: str, dtype: torch.dtype, file_prefix: str = ""
+                          ) -> Mapping[str, Tensor] | None:
+        """The merged tensors of the checkpoint in ``folder`` (saved by transformers), read one at a time from its
+        safetensors files, in ``dtype``: no whole model is loaded. ``file_prefix`` is what the file puts before
+        the merged module's names (``transformer.`` for a GPT-2 classifier's backbone).
+
+        None when the folder has no safetensors weights, or names a merged tensor differently (old checkpoints
+        that transformers renames on load): the caller then loads the model and extracts its tensors.
+        """
+        index, single = folder / "model.safetensors.index.json", folder / "model.safetensors"
+        path = index if index.is_file() else single if single.is_file() else None
+        if path is None:
+            return None
+        files = SafetensorsWeights.open(path, label)
+        names = {}
+        for key in self.keys:
+            name = key[len(self.prefix):]
+            found = next((candidate for candidate in (file_prefix + name, name) if candidate in files), None)
+            if found is None:
+                return None
+            names[key] = found
+        return MappedWeights(files, names, cast=dtype, transposed=self.transposed)
 
     def to_module(self, params: StateDict) -> StateDict:
         """Module-layout tensors (prefix stripped, Conv1D weights transposed back) for ``functional_call``."""
@@ -262,6 +286,7 @@ def quiet_transformers() -> Iterator[None]:
 
 
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]  # config, weights, tokenizer
+CHECKPOINT_FALLBACK = ["pytorch_model*.bin", "pytorch_model*.json"]  # when a repo has no safetensors weights
 
 
 def download_checkpoint(repo_id: str, folder: Path) -> None:
@@ -272,10 +297,10 @@ def download_checkpoint(repo_id: str, folder: Path) -> None:
 
     _hub.download_model(repo_id, folder, allow_patterns=CHECKPOINT_FILES)
     if not any(Path(folder).rglob("*.safetensors")):
-        _hub.download_model(repo_id, folder, allow_patterns=["pytorch_model*.bin", "pytorch_model*.json"])
+        _hub.download_model(repo_id, folder, allow_patterns=CHECKPOINT_FALLBACK)
 
 
-def check_expert(base: StateDict, expert: StateDict, name: str) -> None:
+def check_expert(base: Mapping[str, Tensor], expert: Mapping[str, Tensor], name: str) -> None:
     """Fail now, naming the first mismatching tensor, if ``expert`` does not share the base architecture."""
     check_compatible(base, [expert], [name])
 

@@ -8,8 +8,8 @@ the class names in label order, and the prompt templates.
 Class names and templates are the ones the public experts' frozen heads were built from (CLIP's published prompt
 sets as used by task_vectors and FusionBench): a head built from different text would not match its expert, and
 the "individual" reference row would drop. They are kept verbatim, including their known spellings ("horizonal",
-"bicyle" in GTSRB, underscores in CIFAR-100 and Oxford-IIIT Pet names), with one fix: CIFAR-100 class 26 is
-"crab" (the dataset's label; one reference list has "cra").
+"bicyle" in GTSRB, underscores in CIFAR-100 and Oxford-IIIT Pet names, and "cra" for CIFAR-100 class 26, which is
+how the hub dataset tanganke/cifar100 and FusionBench spell that label).
 """
 
 from __future__ import annotations
@@ -1035,7 +1035,9 @@ clock
 cloud
 cockroach
 couch
-crab
+""") + (
+    "cra",  # class 26 (crab): the hub dataset's label and the text the public experts' heads were built from
+) + _lines("""
 crocodile
 cup
 dinosaur

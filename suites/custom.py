@@ -50,8 +50,19 @@ from torch.func import functional_call
 
 from bench.errors import BenchError, MethodNotApplicable, close_matches, missing_artifact_error
 from bench.measure import torch_threads
-from bench.problem import MergeProblem, StateDict, TaskMetrics, check_compatible
-from bench.registry import SuiteSpec, param
+from bench.model_pool import check_compatible, mapped
+from bench.problem import MergeProblem, StateDict, TaskMetrics
+from bench.registry import (
+    ALL_DATA,
+    CAPABILITIES,
+    SCORED_SPLITS_ONLY,
+    ArtefactSize,
+    DataNeeds,
+    SuiteSpec,
+    capabilities_of,
+    param,
+    register_suite_resolver,
+)
 from suites import _hub, vit
 from suites._clip_classification import DataSplit, TaskData, derived_seed
 from suites._lm import (
@@ -379,24 +390,39 @@ def used_splits(task: TaskConfig) -> list[str]:
     return list(dict.fromkeys(s for s in (task.eval_split, task.train_split, task.unlabeled_split) if s))
 
 
-def hub_artefacts(suite: SuiteFile, cache_dir: Path) -> list[vit.Artefact]:
-    """Every hub checkpoint and dataset split the suite reads, as :class:`suites.vit.Artefact` (cache folder and
-    how ``bench prepare`` downloads it), in file order without repeats."""
+def needed_splits(task: TaskConfig, needs: DataNeeds, protocol: str) -> list[str]:
+    """The splits the methods behind ``needs`` read: the eval split always, the train split for labeled examples,
+    the unlabeled pool (unlabeled_split, else train_split) for test-time methods under the inductive protocol."""
+    pool = needs.unlabeled and protocol == "inductive"
+    train = task.train_split if needs.labeled or (pool and not task.unlabeled_split) else ""
+    return list(dict.fromkeys(s for s in (task.eval_split, train, task.unlabeled_split if pool else "") if s))
+
+
+def hub_artefacts(suite: SuiteFile, cache_dir: Path, needs: DataNeeds = ALL_DATA,
+                  protocol: str | None = None) -> list[vit.Artefact]:
+    """Every hub checkpoint and dataset split the suite reads for the methods behind ``needs``, as
+    :class:`suites.vit.Artefact` (cache folder and how ``bench prepare`` downloads it), in file order without
+    repeats."""
+    protocol = protocol or suite.config.protocol
     items: dict[Path, vit.Artefact] = {}
     for ref in (suite.base, *suite.experts.values()):
         if ref.hub_id:
             folder = _hub.model_dir(cache_dir, ref.hub_id)
             items.setdefault(folder, vit.Artefact(f"checkpoint {ref.hub_id} ({ref.key})", folder,
-                                                  functools.partial(vit.download_checkpoint, ref.hub_id, MODEL_FILES)))
+                                                  functools.partial(vit.download_checkpoint, ref.hub_id, MODEL_FILES),
+                                                  remote=vit.checkpoint_remote(ref.hub_id, MODEL_FILES)))
     for name, ref in suite.datasets.items():
         task = suite.tasks[name]
         if not ref.hub_id:
             continue
-        for split in used_splits(task):
-            folder = _hub.dataset_dir(cache_dir, ref.hub_id, split, task.dataset_config or None)
+        for split in needed_splits(task, needs, protocol):
+            config = task.dataset_config or None
+            folder = _hub.dataset_dir(cache_dir, ref.hub_id, split, config)
             label = f"dataset {ref.hub_id}" + (f" ({task.dataset_config})" if task.dataset_config else "")
-            items.setdefault(folder, vit.Artefact(f"{label}, {split} split ({ref.key})", folder, functools.partial(
-                _download_split, ref.hub_id, split, task.dataset_config or None)))
+            items.setdefault(folder, vit.Artefact(
+                f"{label}, {split} split ({ref.key})", folder,
+                functools.partial(_download_split, ref.hub_id, split, config),
+                remote=functools.partial(_hub.dataset_split_files, ref.hub_id, split, config), converted=True))
     return list(items.values())
 
 
@@ -404,22 +430,36 @@ def _download_split(repo_id: str, split: str, config: str | None, folder: Path) 
     _hub.download_dataset(repo_id, split, folder, config)
 
 
-def missing_artefacts(suite: SuiteFile, params: Any, cache_dir: Path) -> list[str]:
+def _protocol(suite: SuiteFile, params: Any) -> str:
+    return getattr(params, "protocol", None) or suite.config.protocol
+
+
+def missing_artefacts(suite: SuiteFile, params: Any, cache_dir: Path, needs: DataNeeds = ALL_DATA) -> list[str]:
     """Readiness: one line per hub artefact not (completely) in the cache."""
-    return [item.description for item in hub_artefacts(suite, Path(cache_dir)) if not _hub.is_complete(item.folder)]
+    return [item.description for item in hub_artefacts(suite, Path(cache_dir), needs, _protocol(suite, params))
+            if not _hub.is_complete(item.folder)]
+
+
+def artefact_sizes(suite: SuiteFile, params: Any, cache_dir: Path, needs: DataNeeds,
+                   online: bool) -> list[ArtefactSize]:
+    return [item.size(Path(cache_dir), online)
+            for item in hub_artefacts(suite, Path(cache_dir), needs, _protocol(suite, params))]
 
 
 def require_ready(suite: SuiteFile, cache_dir: Path) -> None:
-    missing = missing_artefacts(suite, None, cache_dir)
+    """What every method needs is cached; a train or unlabeled split is checked when a method reads it."""
+    missing = missing_artefacts(suite, None, cache_dir, SCORED_SPLITS_ONLY)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise missing_artifact_error(suite.source, missing[0] + more, cache_dir)
 
 
-def prepare_suite(suite: SuiteFile, params: Any, cache_dir: Path, progress: bool) -> None:
-    """``bench prepare path/to/suite.toml``: check the local paths, download the hub artefacts (resumable)."""
+def prepare_suite(suite: SuiteFile, params: Any, cache_dir: Path, progress: bool,
+                  needs: DataNeeds = ALL_DATA) -> None:
+    """``bench prepare path/to/suite.toml``: check the local paths, download the hub artefacts the methods behind
+    ``needs`` read (resumable)."""
     check_local_paths(suite)
-    for item in hub_artefacts(suite, Path(cache_dir)):
+    for item in hub_artefacts(suite, Path(cache_dir), needs, _protocol(suite, params)):
         if progress:
             print(f"{suite.name}: {item.description}", file=sys.stderr)
         _hub.fetch(item.folder, item.download)
@@ -445,15 +485,16 @@ def model_folder(suite: SuiteFile, ref: Reference, cache_dir: Path) -> Path:
     return ref.local
 
 
-def checkpoint_tensors(suite: SuiteFile, ref: Reference, folder: Path) -> StateDict:
+def checkpoint_tensors(suite: SuiteFile, ref: Reference, folder: Path) -> Mapping[str, Tensor]:
     """A checkpoint's tensors: transformers' weight files (safetensors, sharded, or a weights-only torch file),
-    else the folder's safetensors state dict. Pickled objects are refused."""
+    else the folder's safetensors state dict. Pickled objects are refused. Safetensors come as a reader (one
+    tensor read at a time), so experts are never held whole."""
     names = [*vit.HF_WEIGHT_FILES,
              *sorted(p.name for p in folder.glob("*.safetensors") if p.name not in vit.HF_WEIGHT_FILES)]
     if not any((folder / name).is_file() for name in names):
         raise suite.fail(ref.key, f"{folder} holds no weights (model.safetensors, pytorch_model.bin or a "
                                   f"*.safetensors state dict); save the checkpoint with save_pretrained")
-    return vit.read_weights(folder, names)
+    return vit.open_weights(folder, names)
 
 
 def folder_identity(folder: Path) -> str:
@@ -579,16 +620,35 @@ def class_ids(suite: SuiteFile, opened: OpenedSplit, task_name: str) -> Tensor:
 
 
 class CustomClipProblem(VitProblem):
-    """:class:`~suites.vit.VitProblem` whose tasks may lack a train or unlabeled split: methods that need one are
-    skipped with the reason instead of stopping the run."""
+    """:class:`~suites.vit.VitProblem` whose tasks may lack a train or unlabeled split (not in the file, or left
+    out by ``bench prepare``): methods that need one are skipped with the reason (``missing_split``) instead of
+    stopping the run."""
 
-    def split(self, task: str, split: str) -> DataSplit:
-        self._check_task(task)
-        if split not in self.data[task].splits:
-            key = "unlabeled_split (or train_split)" if split == "unlabeled" else f"{split}_split"
-            raise MethodNotApplicable(f"task '{task}' of {self.name} has no {split} data; add tasks.{task}.{key} "
-                                      f"to the suite file")
-        return super().split(task, split)
+
+def missing_split(suite: SuiteFile, params: Any, task: str, split: str) -> MethodNotApplicable:
+    """Why a method reading ``split`` (train or unlabeled) of ``task`` is skipped: the file names no such split,
+    or ``bench prepare`` left the hub split out (the reason then names the command that adds it)."""
+    config = suite.tasks[task]
+    source = config.train_split if split == "train" else (config.unlabeled_split or config.train_split)
+    ref = suite.datasets.get(task)
+    if source and ref is not None and ref.hub_id:
+        protocol = _protocol(suite, params)
+        args = f"--set suite.protocol={protocol}" if protocol != suite.config.protocol else ""
+        return _hub.split_not_prepared(f"the {source} split of dataset {ref.hub_id} (task '{task}')", suite.source,
+                                       args, "unlabeled" if split == "unlabeled" else "labeled")
+    key = "unlabeled_split (or train_split)" if split == "unlabeled" else f"{split}_split"
+    return MethodNotApplicable(f"task '{task}' of {suite.name} has no {split} data; add tasks.{task}.{key} to the "
+                               f"suite file")
+
+
+def prepared_splits(suite: SuiteFile, name: str, cache_dir: Path) -> list[str]:
+    """The task's splits to load: those the file names, less hub splits other than the eval split that
+    ``bench prepare`` left out (no method chosen then read them)."""
+    task, ref = suite.tasks[name], suite.datasets[name]
+    if not ref.hub_id:
+        return used_splits(task)
+    return [split for split in used_splits(task) if split == task.eval_split
+            or _hub.is_complete(_hub.dataset_dir(cache_dir, ref.hub_id, split, task.dataset_config or None))]
 
 
 def load_clip_base(suite: SuiteFile, folder: Path) -> LoadedBackbone:
@@ -655,7 +715,7 @@ def image_task_data(suite: SuiteFile, name: str, image_size: int, cache_dir: Pat
     """The task's splits, named as :class:`~suites._clip_classification.ClipClassificationProblem` reads them."""
     task = suite.tasks[name]
     splits = {}
-    for split in used_splits(task):
+    for split in prepared_splits(suite, name, cache_dir):
         opened = open_split(suite, name, split, cache_dir)
         require_columns(suite, opened, (task.image_column, task.label_column), name)
         images: Any = vit.SplitImages(opened.dataset, task.image_column, image_size)
@@ -669,11 +729,12 @@ def image_task_data(suite: SuiteFile, name: str, image_size: int, cache_dir: Pat
 
 
 def named_splits(task: TaskConfig, splits: Mapping[str, DataSplit]) -> dict[str, DataSplit]:
-    """The file's splits under the names problems read: test (scored), train (labeled), unlabeled (inductive)."""
+    """The file's splits under the names problems read: test (scored), train (labeled), unlabeled (inductive);
+    a split that was not loaded (not prepared) is left out."""
     named = {"test": splits[task.eval_split]}
-    if task.train_split:
+    if task.train_split in splits:
         named["train"] = splits[task.train_split]
-    if task.unlabeled_split or task.train_split:
+    if (task.unlabeled_split or task.train_split) in splits:
         named["unlabeled"] = splits[task.unlabeled_split or task.train_split]
     return named
 
@@ -689,6 +750,7 @@ def build_image_problem(suite: SuiteFile, params: Any, cache_dir: Path, progress
     return CustomClipProblem(
         name=suite.name, encoder=backbone.encoder, pretrained=backbone.pretrained, frozen=backbone.frozen,
         expert_reader=experts.__getitem__, heads=heads, data=data, protocol=params.protocol,
+        missing_split=functools.partial(missing_split, suite, params),
         prepare=vit.normalise_images, eval_batch_size=params.eval_batch_size,
         cpu_threads=1 if size < vit.SINGLE_THREAD_BELOW else None,
         facts={"suite_file": str(suite.resolved), "sha256": suite.sha256, "kind": suite.kind,
@@ -701,12 +763,13 @@ def build_image_problem(suite: SuiteFile, params: Any, cache_dir: Path, progress
 # ----------------------------------------------------------------------------------------------------------
 
 
-def merged_layout(merged: MergedParameters, raw: StateDict, keys: Sequence[str] | None = None) -> StateDict:
+def merged_layout(merged: MergedParameters, raw: Mapping[str, Tensor], keys: Sequence[str] | None = None
+                  ) -> Mapping[str, Tensor]:
     """A checkpoint's tensors under the merged names and layout, for ``keys`` (default: every merged key). Tied
     copies and buffers it also holds are left out; a missing tensor is left for
     :func:`~bench.problem.check_compatible` to name."""
-    return {key: (raw[key].T if key in merged.transposed else raw[key]).float().contiguous()
-            for key in (merged.keys if keys is None else keys) if key in raw}
+    return mapped(raw, {key: key for key in (merged.keys if keys is None else keys) if key in raw},
+                  cast=torch.float32, transposed=merged.transposed)
 
 
 def load_transformers_model(suite: SuiteFile, folder: Path, auto_class: str, what: str) -> tuple[Any, Any]:
@@ -740,7 +803,8 @@ class SequenceClassificationProblem(ExpertsProblem):
 
     def __init__(self, *, name: str, model: Any, pretrained: StateDict, experts: dict[str, StateDict],
                  heads: dict[str, StateDict], data: dict[str, dict[str, DataSplit]], pad_id: int, protocol: str,
-                 eval_batch_size: int, cpu_threads: int | None, facts: dict[str, Any]) -> None:
+                 eval_batch_size: int, cpu_threads: int | None, facts: dict[str, Any],
+                 missing_split: Callable[[str, str], BenchError] | None = None) -> None:
         self.name = name
         self._set_weights(pretrained, experts)  # the backbone's parameters, merged names and layout
         self.protocol = protocol
@@ -752,6 +816,8 @@ class SequenceClassificationProblem(ExpertsProblem):
         self.eval_batch_size = eval_batch_size
         self.cpu_threads = cpu_threads
         self._facts = facts
+        # (task, split) -> why a method reading a split the task lacks is skipped
+        self.missing_split = missing_split or (lambda task, split: BenchError(f"task '{task}' has no {split} split"))
 
     # -- forward --------------------------------------------------------------------------------------------
 
@@ -779,9 +845,7 @@ class SequenceClassificationProblem(ExpertsProblem):
 
     def split(self, task: str, split: str) -> DataSplit:
         if split not in self.data[task]:
-            key = "unlabeled_split (or train_split)" if split == "unlabeled" else f"{split}_split"
-            raise MethodNotApplicable(f"task '{task}' of {self.name} has no {split} data; add tasks.{task}.{key} "
-                                      f"to the suite file")
+            raise self.missing_split(task, split)
         return self.data[task][split]
 
     def _adaptation_split(self) -> str:
@@ -793,9 +857,11 @@ class SequenceClassificationProblem(ExpertsProblem):
             raise BenchError(f"asked for {n} {purpose} examples of task '{task}' but its {split} split has {size}")
         return draw_indices(size, n, derived_seed(seed, self.name, task, purpose))
 
-    def unlabeled(self, task: str, n: int, seed: int) -> Tensor:
-        split = self._adaptation_split()
-        return self.split(task, split).images[self._draw(task, split, n, seed, "unlabeled")]
+    def unlabeled_indices(self, task: str, n: int, seed: int) -> Tensor:
+        return self._draw(task, self._adaptation_split(), n, seed, "unlabeled")
+
+    def unlabeled_inputs(self, task: str, indices: Tensor) -> Tensor:
+        return self.split(task, self._adaptation_split()).images[indices]
 
     def unlabeled_size(self, task: str) -> int:
         return len(self.split(task, self._adaptation_split()))
@@ -853,7 +919,7 @@ def text_splits(suite: SuiteFile, name: str, tokenizer: Any, max_length: int, ca
     task = suite.tasks[name]
     columns = [c for c in (task.text_column, task.text_pair_column, task.label_column) if c]
     splits = {}
-    for split in used_splits(task):
+    for split in prepared_splits(suite, name, cache_dir):
         opened = open_split(suite, name, split, cache_dir)
         require_columns(suite, opened, columns, name)
         pairs = column_texts(suite, opened, name, "text_pair_column") if task.text_pair_column else None
@@ -905,6 +971,7 @@ def build_sequence_problem(suite: SuiteFile, params: Any, cache_dir: Path, progr
         cpu_threads=1 if size < vit.SINGLE_THREAD_BELOW else None,
         facts={"suite_file": str(suite.resolved), "sha256": suite.sha256, "kind": suite.kind,
                "max_length": max_length, "backbone_prefix": prefix},
+        missing_split=functools.partial(missing_split, suite, params),
     )
 
 
@@ -1029,14 +1096,19 @@ def toml_suite(path: Path | str) -> SuiteSpec:
         _SPECS[cache_key] = SuiteSpec(
             name=suite.name, params=params_class(suite), description=description,
             fn=functools.partial(build, suite), readiness=functools.partial(missing_artefacts, suite),
-            prepare=functools.partial(prepare_suite, suite),
+            prepare=functools.partial(prepare_suite, suite), sizes=functools.partial(artefact_sizes, suite),
+            capabilities=capabilities_of(() if suite.kind == LM_EVAL else tuple(CAPABILITIES)),
         )
     return _SPECS[cache_key]
 
 
+def is_file_suite(name: str) -> bool:
+    return name.endswith(".toml") or name.startswith("custom:")
+
+
 def file_suite(name: str) -> SuiteSpec:
-    """:func:`bench.registry.get_suite`'s hook: a suite file's path, or the name (``custom:<stem>``) of a suite file
-    loaded earlier in this process (records carry the name; the runner looks the suite up again by it)."""
+    """:func:`bench.registry.get_suite`'s resolver: a suite file's path, or the name (``custom:<stem>``) of a suite
+    file loaded earlier in this process (records carry the name; the runner looks the suite up again by it)."""
     if name.endswith(".toml"):
         spec = toml_suite(name)
         _LOADED[spec.name] = spec
@@ -1045,3 +1117,6 @@ def file_suite(name: str) -> SuiteSpec:
         return _LOADED[name]
     raise BenchError(f"suite '{name}' comes from a suite file; pass the file's path instead, e.g. "
                      f"--suite path/to/{name.removeprefix('custom:')}.toml")
+
+
+register_suite_resolver(is_file_suite, file_suite)

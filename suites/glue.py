@@ -13,7 +13,8 @@ validation_matched).
 (the 7 plus stsb), all weights merged. Each example is the FusionBench prompt of its task; the model generates
 greedily (``max_length=10``) and is scored by exact match of the decoded text with the label word. stsb's
 target is the score written with one decimal; its metric is Spearman's ρ between the parsed predictions
-(unparseable: 0.0) and the gold scores, stored in the record's ``accuracy`` field, and its per-example
+(unparseable: 0.0) and the gold scores rounded to one decimal (as FusionBench scores them, see
+:func:`stsb_spearman`), stored in the record's ``accuracy`` field, and its per-example
 ``correct`` bit is |prediction − gold| ≤ 0.5. How the λ-optimisers and Fisher see a generative task: the
 decoder's first-step logits restricted to the first token of each label word (stsb: of the integer part 0-5,
 class = floor of the gold score); if the words share leading tokens, the step after them (teacher-forced).
@@ -40,10 +41,12 @@ from torch import Tensor
 
 from bench.errors import BenchError, unknown_name_error
 from bench.problem import MergeProblem, StateDict, TaskMetrics
-from bench.registry import param, register_suite
+from bench.registry import ALL_DATA, SCORED_SPLITS_ONLY, ArtefactSize, DataNeeds, param, register_suite
 from suites import _hub
 from suites._clip_classification import PROTOCOLS, derived_seed
 from suites._lm import (
+    CHECKPOINT_FALLBACK,
+    CHECKPOINT_FILES,
     ExpertsProblem,
     MergedParameters,
     capture_linear_inputs,
@@ -122,7 +125,7 @@ class GlueParams:
     max_length: int = param(512, "tokens kept per example (longer inputs are truncated)", low=8)
     max_eval_examples: int = param(0, "score only the first N examples of each evaluation split (0: all)", low=0)
     batch_size: int = param(32, "examples per forward pass when evaluating", low=1)
-    protocol: str = param("transductive", "where unlabeled() draws from: the evaluation split or train",
+    protocol: str = param("transductive", "test-time adaptation data: the evaluation split or train",
                           choices=PROTOCOLS)
 
     def task_list(self) -> list[str]:
@@ -174,16 +177,28 @@ class Artefact:
             return f"checkpoint {self.repo_id}"
         return f"dataset {self.repo_id} ({self.config}, split {self.split})"
 
+    def remote(self) -> list[_hub.RemoteFile]:
+        """The hub files ``prepare`` fetches for it."""
+        if self.kind == "checkpoint":
+            return _hub.checkpoint_files(self.repo_id, CHECKPOINT_FILES, CHECKPOINT_FALLBACK)
+        return _hub.dataset_split_files(self.repo_id, self.split, self.config)
 
-def artefacts(params: GlueParams, cache_dir: Path) -> list[Artefact]:
-    """Every checkpoint and dataset split the suite reads, in the order they are needed."""
+    def size(self, cache_dir: Path, online: bool) -> ArtefactSize:
+        return _hub.artefact_size(f"{self.describe()} (in {self.folder})", self.folder, self.remote, cache_dir, online,
+                                  converted=self.kind == "dataset")
+
+
+def artefacts(params: GlueParams, cache_dir: Path, needs: DataNeeds = ALL_DATA) -> list[Artefact]:
+    """Every checkpoint and dataset split the suite reads for the methods behind ``needs`` (the train split only
+    for labeled examples or the inductive protocol's pool), in the order they are needed."""
     cache_dir = Path(cache_dir)
     needed = [Artefact("checkpoint", params.base_model, _hub.model_dir(cache_dir, params.base_model))]
     for task in params.task_list():
         expert = params.expert_template.format(task=task)
         needed.append(Artefact("checkpoint", expert, _hub.model_dir(cache_dir, expert)))
+    with_train = needs.train_split(params.protocol)
     for task in params.task_list():
-        for split in (GLUE_TASKS[task].eval_split, TRAIN_SPLIT):
+        for split in (GLUE_TASKS[task].eval_split, TRAIN_SPLIT) if with_train else (GLUE_TASKS[task].eval_split,):
             folder = _hub.dataset_dir(cache_dir, params.dataset, split, config=task)
             needed.append(Artefact("dataset", params.dataset, folder, split=split, config=task))
     return needed
@@ -196,12 +211,17 @@ def prepare_args(params: GlueParams) -> str:
     return " ".join(f"--set suite.{k}={getattr(params, k)}" for k in keys if getattr(params, k) != getattr(defaults, k))
 
 
-def readiness(params: GlueParams, cache_dir: Path) -> list[str]:
-    return [f"{a.describe()} (in {a.folder})" for a in artefacts(params, cache_dir) if not _hub.is_complete(a.folder)]
+def readiness(params: GlueParams, cache_dir: Path, needs: DataNeeds = ALL_DATA) -> list[str]:
+    return [f"{a.describe()} (in {a.folder})" for a in artefacts(params, cache_dir, needs)
+            if not _hub.is_complete(a.folder)]
 
 
-def prepare(params: GlueParams, cache_dir: Path, progress: bool) -> None:
-    for artefact in artefacts(params, cache_dir):
+def sizes(params: GlueParams, cache_dir: Path, needs: DataNeeds, online: bool) -> list[ArtefactSize]:
+    return [a.size(Path(cache_dir), online) for a in artefacts(params, cache_dir, needs)]
+
+
+def prepare(params: GlueParams, cache_dir: Path, progress: bool, needs: DataNeeds = ALL_DATA) -> None:
+    for artefact in artefacts(params, cache_dir, needs):
         if artefact.kind == "checkpoint":
             _hub.fetch(artefact.folder, lambda folder, repo=artefact.repo_id: download_checkpoint(repo, folder))
         else:
@@ -210,8 +230,9 @@ def prepare(params: GlueParams, cache_dir: Path, progress: bool) -> None:
 
 
 def require_all(suite: str, params: GlueParams, cache_dir: Path) -> None:
-    """The one-line missing-artefact error for the first artefact not in the cache (before any loading)."""
-    for artefact in artefacts(params, cache_dir):
+    """The one-line missing-artefact error for the first artefact every method needs that is not in the cache
+    (before any loading); train splits are checked when a method reads them."""
+    for artefact in artefacts(params, cache_dir, SCORED_SPLITS_ONLY):
         _hub.require(artefact.folder, suite, artefact.describe(), cache_dir, prepare_args(params))
 
 
@@ -261,6 +282,10 @@ class GlueProblem(ExpertsProblem, abc.ABC):
 
     def split(self, task: str, split: str) -> EncodedSplit:
         self._check_task(task)
+        if split not in self.splits[task]:  # a train split `bench prepare` left out: the method is skipped
+            data = "labeled" if self.protocol == "transductive" else "training"
+            raise _hub.split_not_prepared(f"the {split} split of dataset {self.params.dataset} ({task})", self.name,
+                                          prepare_args(self.params), data)
         return self.splits[task][split]
 
     def token_ids(self, task: str, split: str, indices: Tensor | None = None) -> Tensor:
@@ -282,9 +307,11 @@ class GlueProblem(ExpertsProblem, abc.ABC):
     def adaptation_split(self, task: str) -> str:
         return GLUE_TASKS[task].eval_split if self.protocol == "transductive" else TRAIN_SPLIT
 
-    def unlabeled(self, task: str, n: int, seed: int) -> Tensor:
-        split = self.adaptation_split(task)
-        return self.token_ids(task, split, self._draw(task, split, n, seed, "unlabeled"))
+    def unlabeled_indices(self, task: str, n: int, seed: int) -> Tensor:
+        return self._draw(task, self.adaptation_split(task), n, seed, "unlabeled")
+
+    def unlabeled_inputs(self, task: str, indices: Tensor) -> Tensor:
+        return self.token_ids(task, self.adaptation_split(task), indices)
 
     def unlabeled_size(self, task: str) -> int:
         return len(self.split(task, self.adaptation_split(task)))
@@ -323,11 +350,11 @@ def load_splits(params: GlueParams, cache_dir: Path) -> dict[str, dict[str, Enco
     splits = {}
     for task in params.task_list():
         eval_split = GLUE_TASKS[task].eval_split
-        splits[task] = {
-            eval_split: EncodedSplit(load_split(_hub.dataset_dir(cache_dir, params.dataset, eval_split, task),
-                                                params.max_eval_examples)),
-            TRAIN_SPLIT: EncodedSplit(load_split(_hub.dataset_dir(cache_dir, params.dataset, TRAIN_SPLIT, task))),
-        }
+        splits[task] = {eval_split: EncodedSplit(load_split(_hub.dataset_dir(cache_dir, params.dataset, eval_split,
+                                                                           task), params.max_eval_examples))}
+        train = _hub.dataset_dir(cache_dir, params.dataset, TRAIN_SPLIT, task)
+        if _hub.is_complete(train):  # opened, not read: rows are memory-mapped, tokenized when drawn
+            splits[task][TRAIN_SPLIT] = EncodedSplit(load_split(train))
     return splits
 
 
@@ -394,16 +421,21 @@ def load_gpt2(params: GlueParams, cache_dir: Path, suite: str) -> GlueGpt2Proble
     merged = MergedParameters(backbone, prefix="transformer.")
     pretrained = merged.extract()
     experts, heads = {}, {}
+    dtype = next(iter(pretrained.values())).dtype
     for task in params.task_list():
         expert_id = params.expert_template.format(task=task)
-        model = from_pretrained(GPT2ForSequenceClassification, _hub.model_dir(cache_dir, expert_id))
-        experts[task] = merged.extract(model.transformer)
+        folder = _hub.model_dir(cache_dir, expert_id)
+        reader = merged.checkpoint_reader(folder, f"expert {expert_id}", dtype, file_prefix="transformer.")
+        if reader is not None and "score.weight" in reader.source:
+            experts[task], heads[task] = reader, reader.source["score.weight"].to(dtype).clone()
+        else:  # no safetensors, or names transformers converts on load: load the classifier
+            model = from_pretrained(GPT2ForSequenceClassification, folder)
+            experts[task], heads[task] = merged.extract(model.transformer), model.score.weight.detach().clone()
+            del model
         check_expert(pretrained, experts[task], task)
-        heads[task] = model.score.weight.detach().clone()
         if heads[task].shape[0] != GLUE_TASKS[task].num_classes:
             raise BenchError(f"expert {expert_id} has {heads[task].shape[0]} labels, task {task} has "
                              f"{GLUE_TASKS[task].num_classes}")
-        del model
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
     return GlueGpt2Problem(name=suite, params=params, merged=merged, tokenizer=tokenizer, pretrained=pretrained,
                            experts=experts, splits=load_splits(params, cache_dir), heads=heads,
@@ -425,6 +457,15 @@ def spearman(predictions: Sequence[float], gold: Sequence[float]) -> float:
         warnings.simplefilter("ignore")  # a constant input only warns; ρ is then NaN
         rho = spearmanr(predictions, gold)[0]
     return 0.0 if rho is None or math.isnan(rho) else float(rho)
+
+
+def stsb_spearman(predictions: Sequence[float], gold: Sequence[float]) -> float:
+    """The stsb metric: Spearman's ρ against the gold scores rounded to one decimal.
+
+    FusionBench reads the gold score back from the expert's target text ("{:.1f}"), so its reference numbers rank
+    the rounded scores; rounding merges nearby gold scores into ties, which changes ρ.
+    """
+    return spearman(predictions, [float(f"{score:.1f}") for score in gold])
 
 
 def parse_score(text: str) -> float:
@@ -508,7 +549,7 @@ class GlueT5Problem(GlueProblem):
         if spec.regression:
             predicted = [parse_score(text) for text in texts]
             correct = torch.tensor([abs(p - g) <= 0.5 for p, g in zip(predicted, gold, strict=True)])
-            return TaskMetrics(accuracy=spearman(predicted, gold), loss=loss, correct=correct)
+            return TaskMetrics(accuracy=stsb_spearman(predicted, gold), loss=loss, correct=correct)
         correct = torch.tensor([text == spec.label_words[g] for text, g in zip(texts, gold, strict=True)])
         return TaskMetrics(accuracy=float(correct.float().mean()), loss=loss, correct=correct)
 
@@ -523,9 +564,13 @@ def load_t5(params: GlueT5Params, cache_dir: Path, suite: str) -> GlueT5Problem:
     merged = MergedParameters(model)
     pretrained = merged.extract()
     experts = {}
+    dtype = next(iter(pretrained.values())).dtype
     for task in params.task_list():
-        expert_dir = _hub.model_dir(cache_dir, params.expert_template.format(task=task))
-        experts[task] = merged.extract(from_pretrained(T5ForConditionalGeneration, expert_dir))
+        expert_id = params.expert_template.format(task=task)
+        expert_dir = _hub.model_dir(cache_dir, expert_id)
+        experts[task] = merged.checkpoint_reader(expert_dir, f"expert {expert_id}", dtype)
+        if experts[task] is None:  # no safetensors, or names transformers converts on load
+            experts[task] = merged.extract(from_pretrained(T5ForConditionalGeneration, expert_dir))
         check_expert(pretrained, experts[task], task)
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
     return GlueT5Problem(name=suite, params=params, merged=merged, tokenizer=tokenizer, pretrained=pretrained,
@@ -539,14 +584,14 @@ def load_t5(params: GlueT5Params, cache_dir: Path, suite: str) -> GlueT5Problem:
 # ----------------------------------------------------------------------------------------------------------
 
 
-@register_suite("glue-gpt2", params=GlueGpt2Params, readiness=readiness, prepare=prepare,
+@register_suite("glue-gpt2", params=GlueGpt2Params, readiness=readiness, prepare=prepare, sizes=sizes,
                 description="GPT-2 on 7 GLUE tasks (tanganke/gpt2_<task>): backbone merged, each task keeps its "
                 "score head; accuracy on validation (needs `bench prepare glue-gpt2`)")
 def build_gpt2(params: GlueGpt2Params, cache_dir: Path, progress: bool) -> MergeProblem:
     return load_gpt2(params, Path(cache_dir), "glue-gpt2")
 
 
-@register_suite("glue-flan-t5", params=GlueT5Params, readiness=readiness, prepare=prepare,
+@register_suite("glue-flan-t5", params=GlueT5Params, readiness=readiness, prepare=prepare, sizes=sizes,
                 description="Flan-T5-base on 8 GLUE tasks (tanganke/flan-t5-base_glue-<task>), generative: exact "
                 "match, Spearman for stsb (needs `bench prepare glue-flan-t5`)")
 def build_t5(params: GlueT5Params, cache_dir: Path, progress: bool) -> MergeProblem:

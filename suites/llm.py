@@ -2,12 +2,16 @@
 
 Default: the MergeBench experts ``MergeBench/<model>_<domain>`` fine-tuned from ``meta-llama/Llama-3.2-3B``
 (also Llama-3.1-8B and Gemma-2 2B/9B), one expert per domain, all weights of the causal LM merged (a tied output
-embedding once). Each domain is scored on its lm-eval tasks (``task_map``): instruction -> ifeval, math ->
-gsm8k_cot, multilingual -> m_mmlu_{fr,es,de,ru}. The domain's accuracy is the mean of its tasks' primary metrics
-(ifeval: prompt-level strict accuracy; gsm8k_cot: strict-match exact match; others: their first metric), its
+embedding once). Each domain is scored on its lm-eval tasks (``task_map``), MergeBench's lm-eval tasks:
+instruction -> ifeval; math -> gsm8k_cot and hendrycks_math (MATH, lm-eval's group of seven subjects);
+multilingual -> m_mmlu_{fr,es,de,ru}, arc_{fr,es,de,ru} and hellaswag_{fr,es,de,ru}. The domain's accuracy is
+the mean of its tasks' primary metrics (ifeval: prompt-level strict accuracy; gsm8k_cot: strict-match exact
+match; hendrycks_math: exact match; others: their first metric, accuracy for m_mmlu, arc and hellaswag), its
 per-example ``correct`` bits are the tasks' samples in doc order (a sample counts as correct when its metric is
 1), and its loss is the choice cross-entropy for multiple-choice tasks (NaN when a domain has a generative
-task). MergeBench's coding (code execution) and safety domains have no lm-eval task here and are left out.
+task). An lm-eval group in the task map (hendrycks_math) runs its subtasks and scores as the mean over all of
+their docs, as lm-eval aggregates hendrycks_math (``weight_by_size``). MergeBench's coding (code execution) and
+safety domains have no lm-eval task here and are left out.
 
 The merged model is evaluated in memory (``HFLM(pretrained=<model>)``). lm-eval's own task YAMLs read their
 datasets from the hub; here every hub dataset a task uses is fetched by ``bench prepare llm-mergebench`` into
@@ -23,8 +27,10 @@ would also need tens of GB).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,11 +40,14 @@ from torch import Tensor
 
 from bench.errors import BenchError, MethodNotApplicable, unknown_name_error
 from bench.problem import MergeProblem, StateDict, TaskMetrics
-from bench.registry import param, register_suite
+from bench.registry import ALL_DATA, ArtefactSize, DataNeeds, param, register_suite
 from suites import _hub
 from suites._lm import (
+    CHECKPOINT_FALLBACK,
+    CHECKPOINT_FILES,
     ExpertsProblem,
     LmEvalRunner,
+    LmEvalScore,
     MergedParameters,
     check_expert,
     combine_scores,
@@ -56,7 +65,9 @@ BASE_MODELS = {
     "gemma-2-2b": "google/gemma-2-2b",
     "gemma-2-9b": "google/gemma-2-9b",
 }
-DEFAULT_TASK_MAP = "instruction=ifeval;math=gsm8k_cot;multilingual=m_mmlu_fr+m_mmlu_es+m_mmlu_de+m_mmlu_ru"
+DEFAULT_TASK_MAP = ("instruction=ifeval;math=gsm8k_cot+hendrycks_math;"
+                    "multilingual=m_mmlu_fr+m_mmlu_es+m_mmlu_de+m_mmlu_ru+arc_fr+arc_es+arc_de+arc_ru"
+                    "+hellaswag_fr+hellaswag_es+hellaswag_de+hellaswag_ru")
 PRIMARY_METRICS = {"ifeval": "prompt_level_strict_acc,none", "gsm8k_cot": "exact_match,strict-match"}
 LOCAL_BUILDERS = ("json", "csv", "parquet", "arrow", "text")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -125,6 +136,7 @@ class TaskSource:
     dataset_path: str
     dataset_name: str | None
     splits: tuple[str, ...]
+    group: str | None = None  # the lm-eval group named in the task map that this task is a subtask of
 
     @property
     def local(self) -> bool:
@@ -156,17 +168,58 @@ def find_task_sources(params: LlmParams) -> list[TaskSource]:
     sources = []
     for names in params.domains().values():
         for name in names:
-            entry = manager.task_index.get(name)
-            if entry is None:
-                raise unknown_name_error("lm-eval task", name, manager.all_subtasks)
-            config = entry.cfg or {}
-            if entry.yaml_path is None or "dataset_path" not in config:
-                raise BenchError(f"lm-eval task '{name}' is not a single YAML task with a dataset_path "
-                                 "(groups and Python tasks are not supported; list its subtasks)")
-            splits = tuple(dict.fromkeys(config[k] for k in SPLIT_KEYS if config.get(k)))
-            sources.append(TaskSource(name, Path(entry.yaml_path).resolve(), config["dataset_path"],
-                                      config.get("dataset_name"), splits))
+            config = _index_entry(manager, name).cfg or {}
+            if config.get("group") == name:
+                members = config.get("task")
+                if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+                    raise BenchError(f"lm-eval group '{name}' does not list its subtasks by name; list them "
+                                     "in the task map instead")
+                sources += [_task_source(manager, member, group=name) for member in members]
+            else:
+                sources.append(_task_source(manager, name))
     return sources
+
+
+def _index_entry(manager: Any, name: str) -> Any:
+    entry = manager.task_index.get(name)
+    if entry is None:
+        raise unknown_name_error("lm-eval task", name, manager.all_subtasks)
+    return entry
+
+
+def _task_source(manager: Any, name: str, group: str | None = None) -> TaskSource:
+    entry = _index_entry(manager, name)
+    config = entry.cfg or {}
+    if entry.yaml_path is None or "dataset_path" not in config:
+        raise BenchError(f"lm-eval task '{name}' is not a single YAML task with a dataset_path "
+                         "(nested groups and Python tasks are not supported; list its subtasks)")
+    splits = tuple(dict.fromkeys(config[k] for k in SPLIT_KEYS if config.get(k)))
+    return TaskSource(name, Path(entry.yaml_path).resolve(), config["dataset_path"], config.get("dataset_name"),
+                      splits, group)
+
+
+def group_subtasks(sources: list[TaskSource]) -> dict[str, list[str]]:
+    """{lm-eval group named in the task map: its subtasks}."""
+    groups: dict[str, list[str]] = {}
+    for source in sources:
+        if source.group is not None:
+            groups.setdefault(source.group, []).append(source.task)
+    return groups
+
+
+def pool_group_scores(scores: list[LmEvalScore]) -> LmEvalScore:
+    """One lm-eval group's score from its subtasks': the mean over all of their docs (lm-eval's
+    ``weight_by_size`` aggregate), their bits concatenated, the doc-weighted mean choice loss."""
+    sizes = [len(score.correct) for score in scores]
+    total = sum(sizes)
+    if total == 0:
+        raise BenchError("an lm-eval group was scored on no docs")
+    losses = [score.loss for score in scores]
+    loss = (math.nan if any(math.isnan(x) for x in losses)
+            else sum(x * n for x, n in zip(losses, sizes, strict=True)) / total)
+    value = sum(score.value * n for score, n in zip(scores, sizes, strict=True)) / total
+    return LmEvalScore(metric=scores[0].metric, value=value, correct=torch.cat([score.correct for score in scores]),
+                       loss=loss)
 
 
 def local_task_yaml(source: TaskSource, cache_dir: Path) -> dict[str, Any]:
@@ -241,18 +294,32 @@ def prepare_args(params: LlmParams) -> str:
     return " ".join(f"--set suite.{k}={getattr(params, k)}" for k in keys if getattr(params, k) != getattr(defaults, k))
 
 
-def readiness(params: LlmParams, cache_dir: Path) -> list[str]:
+def readiness(params: LlmParams, cache_dir: Path, needs: DataNeeds = ALL_DATA) -> list[str]:
     return [f"{n.description} (in {n.folder})" for n in needed_artefacts(params, cache_dir)
             if not _hub.is_complete(n.folder)]
 
 
-def prepare(params: LlmParams, cache_dir: Path, progress: bool) -> None:
+def prepare(params: LlmParams, cache_dir: Path, progress: bool, needs: DataNeeds = ALL_DATA) -> None:
     for item in needed_artefacts(params, cache_dir):
         if item.split is None:
             _hub.fetch(item.folder, lambda folder, repo=item.repo_id: download_checkpoint(repo, folder))
         else:
             _hub.fetch(item.folder, lambda folder, n=item: _hub.download_dataset(n.repo_id, n.split, folder,
                                                                                   config=n.config))
+
+
+def sizes(params: LlmParams, cache_dir: Path, needs: DataNeeds, online: bool) -> list[ArtefactSize]:
+    """Each artefact's size on disk, or the hub's size of what ``prepare`` fetches. Every split an lm-eval task's
+    YAML names is needed (lm-eval opens them all), whatever the methods."""
+    return [_hub.artefact_size(f"{n.description} (in {n.folder})", n.folder, functools.partial(_remote, n),
+                               Path(cache_dir), online, converted=n.split is not None)
+            for n in needed_artefacts(params, cache_dir)]
+
+
+def _remote(item: Needed) -> list[_hub.RemoteFile]:
+    if item.split is None:
+        return _hub.checkpoint_files(item.repo_id, CHECKPOINT_FILES, CHECKPOINT_FALLBACK)
+    return _hub.dataset_split_files(item.repo_id, item.split, item.config)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -278,7 +345,8 @@ class LlmProblem(ExpertsProblem):
     def __init__(self, *, model: Any, tokenizer: Any, pretrained: StateDict, experts: dict[str, StateDict],
                  runner: LmEvalRunner, facts: dict[str, Any], params: LlmParams | None = None, name: str = SUITE,
                  domain_tasks: dict[str, list[str]] | None = None, batch_size: int | None = None,
-                 limit: int | None = None, max_length: int | None = None) -> None:
+                 limit: int | None = None, max_length: int | None = None,
+                 groups: dict[str, list[str]] | None = None) -> None:
         self.name = name
         self.params = params
         self._set_weights(pretrained, experts)
@@ -287,6 +355,7 @@ class LlmProblem(ExpertsProblem):
         self.merged = MergedParameters(self.model)
         self.runner = runner
         self.domain_tasks = domain_tasks if domain_tasks is not None else params.domains()
+        self.groups = dict(groups or {})  # lm-eval group in domain_tasks -> the subtasks lm-eval runs for it
         self.batch_size = batch_size if batch_size is not None else params.batch_size
         self.limit = limit if params is None else (params.limit or None)
         self.max_length = max_length
@@ -300,7 +369,10 @@ class LlmProblem(ExpertsProblem):
     def logits(self, params: StateDict, task: str, inputs: Tensor) -> Tensor:
         raise self.not_applicable("logits")
 
-    def unlabeled(self, task: str, n: int, seed: int) -> Tensor:
+    def unlabeled_indices(self, task: str, n: int, seed: int) -> Tensor:
+        raise self.not_applicable("unlabeled")
+
+    def unlabeled_inputs(self, task: str, indices: Tensor) -> Tensor:
         raise self.not_applicable("unlabeled")
 
     def unlabeled_size(self, task: str) -> int:
@@ -315,9 +387,11 @@ class LlmProblem(ExpertsProblem):
     def evaluate(self, params: StateDict, task: str, device: torch.device) -> TaskMetrics:
         self._check_task(task)
         names = self.domain_tasks[task]
-        scores = evaluate_merged(self.runner, self.merged, self.model, self.tokenizer, params, names, device,
+        run = [subtask for name in names for subtask in self.groups.get(name, [name])]
+        scores = evaluate_merged(self.runner, self.merged, self.model, self.tokenizer, params, run, device,
                                  self.batch_size, limit=self.limit, max_length=self.max_length)
-        return combine_scores([scores[name] for name in names])
+        return combine_scores([pool_group_scores([scores[s] for s in self.groups[name]]) if name in self.groups
+                               else scores[name] for name in names])
 
     def describe(self) -> dict:
         return {**self._facts, "tasks": list(self.tasks), "lm_eval_tasks": self.domain_tasks,
@@ -338,22 +412,22 @@ def load(params: LlmParams, cache_dir: Path) -> LlmProblem:
     pretrained = merged.extract()
     experts = {}
     for domain in params.domains():
-        expert = from_pretrained(AutoModelForCausalLM, _hub.model_dir(cache_dir, params.expert_id(domain)),
-                                 dtype=dtype)
-        experts[domain] = merged.extract(expert)
-        del expert
+        folder = _hub.model_dir(cache_dir, params.expert_id(domain))
+        experts[domain] = merged.checkpoint_reader(folder, f"expert {params.expert_id(domain)}", dtype)
+        if experts[domain] is None:  # no safetensors, or names transformers converts on load
+            experts[domain] = merged.extract(from_pretrained(AutoModelForCausalLM, folder, dtype=dtype))
         check_expert(pretrained, experts[domain], domain)
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
-    folder = write_local_tasks(task_sources(params), cache_dir)
-    primary = {name: PRIMARY_METRICS[name] for names in params.domains().values() for name in names
-               if name in PRIMARY_METRICS}
+    sources = task_sources(params)
+    folder = write_local_tasks(sources, cache_dir)
+    primary = {s.task: PRIMARY_METRICS[s.task] for s in sources if s.task in PRIMARY_METRICS}
     runner = LmEvalRunner([folder], primary_metrics=primary)
     facts = {"base_model": params.base_id(), "dtype": params.dtype, "limit": params.limit}
     return LlmProblem(params=params, model=model, tokenizer=tokenizer, pretrained=pretrained, experts=experts,
-                      runner=runner, facts=facts)
+                      runner=runner, facts=facts, groups=group_subtasks(sources))
 
 
-@register_suite(SUITE, params=LlmParams, readiness=readiness, prepare=prepare,
+@register_suite(SUITE, params=LlmParams, readiness=readiness, prepare=prepare, sizes=sizes, capabilities=(),
                 description="LLM merging (MergeBench Llama-3.2-3B experts by default) scored with lm-eval on "
                 "each domain's tasks, model passed in memory (needs `bench prepare llm-mergebench`)")
 def build(params: LlmParams, cache_dir: Path, progress: bool) -> MergeProblem:

@@ -126,7 +126,7 @@ class TinyLMParams:
     size: str = param("full", "preset of model, data and training sizes ('ci': a faster, weaker build)",
                       choices=tuple(PRESETS))
     build_seed: int = param(0, "seeds the whole build: corpus, tokenizer, data, pretraining, experts", low=0)
-    protocol: str = param("transductive", "where unlabeled() draws from: the test split or a disjoint one",
+    protocol: str = param("transductive", "test-time adaptation data: the test split or a disjoint one",
                           choices=PROTOCOLS)
 
 
@@ -411,9 +411,11 @@ class TinyLMProblem(ExpertsProblem):
     def adaptation_split(self) -> str:
         return "test" if self.protocol == "transductive" else "unlabeled"
 
-    def unlabeled(self, task: str, n: int, seed: int) -> Tensor:
-        split = self.split(task, self.adaptation_split())
-        return split.prompts[self._draw(task, len(split), n, seed, "unlabeled")]
+    def unlabeled_indices(self, task: str, n: int, seed: int) -> Tensor:
+        return self._draw(task, self.unlabeled_size(task), n, seed, "unlabeled")
+
+    def unlabeled_inputs(self, task: str, indices: Tensor) -> Tensor:
+        return self.split(task, self.adaptation_split()).prompts[indices]
 
     def unlabeled_size(self, task: str) -> int:
         return len(self.split(task, self.adaptation_split()))

@@ -45,7 +45,7 @@ import pickle
 import sys
 import tempfile
 import types
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -58,8 +58,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from bench.errors import BenchError, missing_artifact_error, unknown_name_error
-from bench.problem import MergeProblem, StateDict, check_compatible
-from bench.registry import param, register_suite
+from bench.model_pool import SafetensorsWeights, check_compatible, mapped
+from bench.problem import MergeProblem, StateDict
+from bench.registry import ALL_DATA, SCORED_SPLITS_ONLY, ArtefactSize, DataNeeds, param, register_suite
 from suites import _hub
 from suites._clip_classification import (
     PROTOCOLS,
@@ -136,6 +137,11 @@ class Artefact:
     download: Callable[[Path], None] | None
     manual_hint: str = ""  # how to place it when there is no download
     verify: Callable[[Path], None] | None = None  # a content check after download (e.g. the dataset's columns)
+    remote: Callable[[], list[_hub.RemoteFile]] | None = None  # the hub files download fetches (for sizes)
+    converted: bool = False  # a dataset split: converted in scratch space beside its folder
+
+    def size(self, cache_dir: Path, online: bool) -> ArtefactSize:
+        return _hub.artefact_size(self.description, self.folder, self.remote, cache_dir, online, self.converted)
 
 
 def selected_tasks(suite: str, params: VitParams) -> list[str]:
@@ -169,6 +175,11 @@ OPENCLIP_FILES = CheckpointFiles(OPENCLIP_WEIGHT_FILES, ("open_clip_config.json"
                                  ("open_clip_pytorch_model.bin",))
 
 
+def checkpoint_remote(repo_id: str, files: CheckpointFiles) -> Callable[[], list[_hub.RemoteFile]]:
+    """What :func:`download_checkpoint` fetches of ``repo_id``, as hub files with sizes."""
+    return functools.partial(_hub.checkpoint_files, repo_id, files.preferred, files.fallback)
+
+
 def download_checkpoint(repo_id: str, files: CheckpointFiles, folder: Path) -> None:
     """A hub checkpoint's config, tokenizer and weights: safetensors when the repo has them, else the bin file."""
     _hub.download_model(repo_id, folder, allow_patterns=list(files.preferred))
@@ -183,32 +194,39 @@ def download_task_vectors_expert(repo_id: str, cache_dir: Path, params: VitParam
     _hub.download_model(repo_id, root, allow_patterns=[f"{prefix}/finetuned.safetensors"])
     if not (root / prefix / "finetuned.safetensors").is_file():
         _hub.download_model(repo_id, root, allow_patterns=[f"{prefix}/finetuned.pt"])
+    _hub.drop_client_cache(root)
 
 
 def model_artefacts(params: VitParams, cache_dir: Path, tasks: Sequence[str]) -> list[Artefact]:
     backbone = BACKBONES[params.backbone]
     if params.source == "hf":
         items = [Artefact(f"checkpoint {backbone.hf_model}", _hub.model_dir(cache_dir, backbone.hf_model),
-                          functools.partial(download_checkpoint, backbone.hf_model, HF_FILES))]
+                          functools.partial(download_checkpoint, backbone.hf_model, HF_FILES),
+                          remote=checkpoint_remote(backbone.hf_model, HF_FILES))]
         for task in tasks:
             repo = backbone.hf_expert_prefix + TASK_SPECS[task].hf_expert
             items.append(Artefact(f"expert checkpoint {repo}", _hub.model_dir(cache_dir, repo),
-                                  functools.partial(download_checkpoint, repo, HF_FILES)))
+                                  functools.partial(download_checkpoint, repo, HF_FILES),
+                                  remote=checkpoint_remote(repo, HF_FILES)))
         return items
     items = [Artefact(f"open_clip weights {backbone.openclip_weights}",
                       _hub.model_dir(cache_dir, backbone.openclip_weights),
-                      functools.partial(download_checkpoint, backbone.openclip_weights, OPENCLIP_FILES))]
+                      functools.partial(download_checkpoint, backbone.openclip_weights, OPENCLIP_FILES),
+                      remote=checkpoint_remote(backbone.openclip_weights, OPENCLIP_FILES))]
     for task in tasks:
         spec = TASK_SPECS[task]
-        download = None
+        download = remote = None
         if params.task_vectors_repo:
             download = functools.partial(_ignore_folder, functools.partial(
                 download_task_vectors_expert, params.task_vectors_repo, cache_dir, params, spec))
+            prefix = f"{backbone.openclip_arch}/{spec.task_vectors_name}"
+            remote = functools.partial(_hub.checkpoint_files, params.task_vectors_repo,
+                                       [f"{prefix}/finetuned.safetensors"], [f"{prefix}/finetuned.pt"])
         folder = task_vectors_folder(cache_dir, params, spec)
         items.append(Artefact(
             f"task_vectors expert {backbone.openclip_arch}/{spec.task_vectors_name}/finetuned.pt", folder, download,
             manual_hint=f"copy task_vectors' checkpoints ({TASK_VECTORS_DRIVE}) so that {folder}/finetuned.pt "
-                        f"exists, or pass --set suite.task_vectors_repo=OWNER/NAME for a hub mirror"))
+                        f"exists, or pass --set suite.task_vectors_repo=OWNER/NAME for a hub mirror", remote=remote))
     return items
 
 
@@ -216,15 +234,22 @@ def _ignore_folder(download: Callable[[], None], folder: Path) -> None:
     download()
 
 
-def dataset_artefacts(cache_dir: Path, tasks: Sequence[str]) -> list[Artefact]:
+def used_splits(spec: TaskSpec, with_train: bool) -> list[str]:
+    """The task's scored split, and its train split when a chosen method reads it."""
+    return list(dict.fromkeys((spec.test_split, spec.train_split) if with_train else (spec.test_split,)))
+
+
+def dataset_artefacts(cache_dir: Path, tasks: Sequence[str], with_train: bool = True) -> list[Artefact]:
     items = []
     for task in tasks:
         spec = TASK_SPECS[task]
-        for split in dict.fromkeys((spec.test_split, spec.train_split)):
+        for split in used_splits(spec, with_train):
             label = f"dataset {spec.dataset}" + (f" ({spec.config})" if spec.config else "") + f", {split} split"
             download = functools.partial(_download_split, spec, split)
             items.append(Artefact(label, _hub.dataset_dir(cache_dir, spec.dataset, split, spec.config), download,
-                                  verify=functools.partial(check_dataset_columns, spec)))
+                                  verify=functools.partial(check_dataset_columns, spec),
+                                  remote=functools.partial(_hub.dataset_split_files, spec.dataset, split, spec.config),
+                                  converted=True))
     return items
 
 
@@ -232,20 +257,32 @@ def _download_split(spec: TaskSpec, split: str, folder: Path) -> None:
     _hub.download_dataset(spec.dataset, split, folder, spec.config)
 
 
-def artefacts(suite: str, params: VitParams, cache_dir: Path) -> list[Artefact]:
+def artefacts(suite: str, params: VitParams, cache_dir: Path, needs: DataNeeds = ALL_DATA) -> list[Artefact]:
+    """What ``suite`` reads with ``params``: checkpoints, each task's scored split, and its train split when the
+    methods behind ``needs`` read it (labeled examples, or the unlabeled pool of the inductive protocol)."""
     tasks = selected_tasks(suite, params)
-    return model_artefacts(params, Path(cache_dir), tasks) + dataset_artefacts(Path(cache_dir), tasks)
+    with_train = needs.train_split(params.protocol)
+    return model_artefacts(params, Path(cache_dir), tasks) + dataset_artefacts(Path(cache_dir), tasks, with_train)
 
 
-def missing_artefacts(suite: str, params: VitParams, cache_dir: Path) -> list[str]:
+def missing_artefacts(suite: str, params: VitParams, cache_dir: Path, needs: DataNeeds = ALL_DATA) -> list[str]:
     """Readiness: one line per artefact that is not (completely) in the cache."""
-    return [item.description for item in artefacts(suite, params, cache_dir) if not _hub.is_complete(item.folder)]
+    return [item.description for item in artefacts(suite, params, cache_dir, needs)
+            if not _hub.is_complete(item.folder)]
 
 
-def prepare_suite(suite: str, params: VitParams, cache_dir: Path, progress: bool) -> None:
-    """Download and verify every artefact ``suite`` needs with ``params`` (resumes; skips verified folders)."""
+def artefact_sizes(suite: str, params: VitParams, cache_dir: Path, needs: DataNeeds,
+                   online: bool) -> list[ArtefactSize]:
+    """Each artefact's size on disk, or the hub's size of what ``prepare`` fetches (:func:`_hub.artefact_size`)."""
+    return [item.size(Path(cache_dir), online) for item in artefacts(suite, params, cache_dir, needs)]
+
+
+def prepare_suite(suite: str, params: VitParams, cache_dir: Path, progress: bool,
+                  needs: DataNeeds = ALL_DATA) -> None:
+    """Download and verify what ``suite`` needs with ``params`` for the methods behind ``needs`` (resumes; skips
+    verified folders)."""
     by_hand = []
-    for item in artefacts(suite, params, cache_dir):
+    for item in artefacts(suite, params, cache_dir, needs):
         if item.download is None:
             if not _adopt_placed_files(item.folder):
                 by_hand.append(item)
@@ -297,7 +334,8 @@ def _format(value: Any) -> str:
 
 
 def require_ready(suite: str, params: VitParams, cache_dir: Path) -> None:
-    missing = missing_artefacts(suite, params, cache_dir)
+    """What every method needs (checkpoints, scored splits) is cached; train splits load when a method asks."""
+    missing = missing_artefacts(suite, params, cache_dir, SCORED_SPLITS_ONLY)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise missing_artifact_error(suite, missing[0] + more, cache_dir, prepare_args(params))
@@ -308,19 +346,22 @@ def require_ready(suite: str, params: VitParams, cache_dir: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def read_weights(folder: Path, names: Sequence[str]) -> StateDict:
-    """The first of ``names`` present in ``folder``: safetensors (also sharded) or a weights-only torch file."""
+def open_weights(folder: Path, names: Sequence[str]) -> Mapping[str, Tensor]:
+    """The first of ``names`` present in ``folder``, as a reader when it is safetensors (also sharded): tensors
+    are then read one at a time, never the whole checkpoint at once; a weights-only torch file is loaded."""
     for name in names:
         path = folder / name
         if not path.is_file():
             continue
-        if name.endswith(".index.json"):
-            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-            return {key: value for shard in shards for key, value in load_file(str(folder / shard)).items()}
-        if name.endswith(".safetensors"):
-            return load_file(str(path))
+        if name.endswith(".safetensors") or name.endswith(".index.json"):
+            return SafetensorsWeights.open(path, str(path))
         return load_weights_only(path)
     raise BenchError(f"{folder} holds none of {', '.join(names)}; rerun `bench prepare` for it")
+
+
+def read_weights(folder: Path, names: Sequence[str]) -> StateDict:
+    """Every tensor of the first of ``names`` present in ``folder`` (see :func:`open_weights`)."""
+    return dict(open_weights(folder, names).items())
 
 
 def load_weights_only(path: Path) -> StateDict:
@@ -338,7 +379,7 @@ def as_float32(tensors: StateDict) -> StateDict:
     return {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
 
 
-def hf_vision_tensors(raw: StateDict, skip: Iterable[str], what: str) -> StateDict:
+def hf_vision_tensors(raw: Mapping[str, Tensor], skip: Iterable[str], what: str) -> Mapping[str, Tensor]:
     """A CLIP vision tower's tensors under ``vision_model.`` as float32, without non-persistent buffers.
 
     Hub checkpoints (``CLIPModel`` and ``CLIPVisionModel`` saved by transformers 4) name them
@@ -346,13 +387,13 @@ def hf_vision_tensors(raw: StateDict, skip: Iterable[str], what: str) -> StateDi
     filtered: a missing, extra or reshaped tensor is left for :func:`check_compatible` to name.
     """
     if any(k.startswith("vision_model.") for k in raw):
-        tensors = {k: v for k, v in raw.items() if k.startswith("vision_model.")}
+        names = {k: k for k in raw if k.startswith("vision_model.")}
     elif "embeddings.patch_embedding.weight" in raw:
-        tensors = {f"vision_model.{k}": v for k, v in raw.items()}
+        names = {f"vision_model.{k}": k for k in raw}
     else:
         raise BenchError(f"{what} holds no CLIP vision tower (no 'vision_model.*' or 'embeddings.*' tensors)")
     skip = set(skip)
-    return as_float32({k: v for k, v in tensors.items() if k not in skip})
+    return mapped(raw, {new: old for new, old in names.items() if new not in skip}, cast=torch.float32)
 
 
 class PickleStandIn(nn.Module):
@@ -395,7 +436,7 @@ def load_trusted_pickle(path: Path) -> StateDict:
     raise BenchError(f"{path} holds a {type(loaded).__name__}, neither a module nor a state dict")
 
 
-def openclip_visual_tensors(raw: StateDict, what: str) -> StateDict:
+def openclip_visual_tensors(raw: Mapping[str, Tensor], what: str) -> Mapping[str, Tensor]:
     """``visual.*`` tensors of an open_clip model wherever they sit (``model.visual.``, ``visual.``, or bare)."""
     anchor = next((k for k in raw if k == "visual.conv1.weight" or k.endswith(".visual.conv1.weight")), None)
     if anchor is not None:
@@ -404,7 +445,7 @@ def openclip_visual_tensors(raw: StateDict, what: str) -> StateDict:
         prefix = ""
     else:
         raise BenchError(f"{what} holds no open_clip image encoder (no 'visual.conv1.weight' tensor)")
-    return {"visual." + k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
+    return mapped(raw, {"visual." + k[len(prefix):]: k for k in raw if k.startswith(prefix)}, cast=torch.float32)
 
 
 def task_vectors_expert_file(folder: Path) -> Path:
@@ -515,7 +556,7 @@ def load_hf_backbone(params: VitParams, cache_dir: Path) -> LoadedBackbone:
 
     def read_expert(task: str) -> StateDict:
         repo = backbone.hf_expert_prefix + TASK_SPECS[task].hf_expert
-        raw_expert = read_weights(_hub.model_dir(cache_dir, repo), HF_FILES.weights)
+        raw_expert = open_weights(_hub.model_dir(cache_dir, repo), HF_FILES.weights)
         return hf_vision_tensors(raw_expert, skip, f"expert checkpoint {repo}")
 
     return LoadedBackbone(encoder=encoder, pretrained=pretrained, frozen=frozen,
@@ -576,8 +617,8 @@ def load_openclip_backbone(params: VitParams, cache_dir: Path) -> LoadedBackbone
     def read_expert(task: str) -> StateDict:
         path = task_vectors_expert_file(task_vectors_folder(cache_dir, params, TASK_SPECS[task]))
         what = f"expert '{task}' ({path})"
-        raw = load_file(str(path)) if path.suffix == ".safetensors" else load_trusted_pickle(path)
-        return as_float32(openclip_visual_tensors(raw, what))
+        raw = SafetensorsWeights.open(path, what) if path.suffix == ".safetensors" else load_trusted_pickle(path)
+        return openclip_visual_tensors(raw, what)
 
     return LoadedBackbone(encoder=encoder, pretrained=pretrained, frozen=frozen, image_size=image_size,
                           logit_scale=float(model.logit_scale.detach()), encode_text=encode_text,
@@ -808,16 +849,64 @@ def load_task_split(cache_dir: Path, spec: TaskSpec, split: str, image_size: int
 # ----------------------------------------------------------------------------------------------------------
 
 
+class DeferredSplit:
+    """A saved split opened when a method first reads it (``images``, ``labels``); duck-types :class:`DataSplit`.
+
+    Its length (records' split sizes) comes from opening the saved folder, without reading labels or images.
+    """
+
+    def __init__(self, folder: Path, load: Callable[[], DataSplit]) -> None:
+        self._folder = folder
+        self._load = load
+        self._split: DataSplit | None = None
+        self._length: int | None = None
+
+    def _loaded(self) -> DataSplit:
+        if self._split is None:
+            self._split = self._load()
+        return self._split
+
+    @property
+    def images(self) -> Any:
+        return self._loaded().images
+
+    @property
+    def labels(self) -> Tensor:
+        return self._loaded().labels
+
+    def __len__(self) -> int:
+        if self._split is not None:
+            return len(self._split)
+        if self._length is None:
+            self._length = len(load_split(self._folder))
+        return self._length
+
+
+MissingSplit = Callable[[str, str], BenchError]  # (task, split) -> why a method cannot read that split
+
+
 class VitProblem(ClipClassificationProblem):
     """:class:`ClipClassificationProblem` whose encoder also has tensors that are never merged (the projection of
-    the hf source, non-persistent buffers); they join the merged weights in every functional call."""
+    the hf source, non-persistent buffers); they join the merged weights in every functional call.
 
-    def __init__(self, *, frozen: StateDict, expert_reader: Callable[[str], StateDict], **kwargs: Any) -> None:
+    ``missing_split(task, split)`` is the reason a method is skipped when it reads a split the task lacks here
+    (e.g. a train split ``bench prepare`` left out); without it, such a read is an error.
+    """
+
+    def __init__(self, *, frozen: StateDict, expert_reader: Callable[[str], StateDict],
+                 missing_split: MissingSplit | None = None, **kwargs: Any) -> None:
         self._frozen = frozen
         self._frozen_by_device: dict[str, StateDict] = {}
         self._expert_reader = expert_reader
         self._experts: dict[str, StateDict] = {}
+        self._missing_split = missing_split
         super().__init__(expert_loader=self._load_expert, **kwargs)
+
+    def split(self, task: str, split: str) -> DataSplit:
+        self._check_task(task)
+        if self._missing_split is not None and split not in self.data[task].splits:
+            raise self._missing_split(task, split)
+        return super().split(task, split)
 
     def _load_expert(self, task: str) -> StateDict:
         """Read once, check against the base (naming the first mismatching tensor), keep for later calls."""
@@ -856,14 +945,14 @@ def build_vit(suite: str, params: VitParams, cache_dir: Path, progress: bool) ->
     for task in tasks:
         spec = TASK_SPECS[task]
         test = load_task_split(cache_dir, spec, spec.test_split, backbone.image_size, params.cache_inputs, progress)
-        train = load_task_split(cache_dir, spec, spec.train_split, backbone.image_size, False, progress)
-        data[task] = TaskData(spec.class_names, {"test": test, "train": train, "unlabeled": train})
+        data[task] = TaskData(spec.class_names, {"test": test, **train_splits(cache_dir, spec, backbone.image_size)})
     return VitProblem(
         name=suite,
         encoder=backbone.encoder,
         pretrained=backbone.pretrained,
         frozen=backbone.frozen,
         expert_reader=backbone.expert_reader,
+        missing_split=functools.partial(train_split_not_prepared, suite, params),
         heads=heads,
         data=data,
         protocol=params.protocol,
@@ -873,6 +962,28 @@ def build_vit(suite: str, params: VitParams, cache_dir: Path, progress: bool) ->
         facts={"backbone": params.backbone, "source": params.source, "image_size": backbone.image_size,
                "pretrained_identity": backbone.identity},
     )
+
+
+def train_splits(cache_dir: Path, spec: TaskSpec, image_size: int) -> dict[str, DeferredSplit]:
+    """The task's train split as ``train`` (labeled examples) and ``unlabeled`` (the inductive pool), opened when a
+    method first reads it; none when ``bench prepare`` left it out (no method chosen then needed it)."""
+    folder = _hub.dataset_dir(cache_dir, spec.dataset, spec.train_split, spec.config)
+    if not _hub.is_complete(folder):
+        return {}
+    train = DeferredSplit(folder, functools.partial(load_task_split, cache_dir, spec, spec.train_split, image_size,
+                                                    False, False))
+    return {"train": train, "unlabeled": train}
+
+
+def train_split_not_prepared(suite: str, params: VitParams, task: str, split: str) -> BenchError:
+    """Why a method reading ``split`` of ``task`` is skipped: the train split is not in the cache (one line with the
+    ``bench prepare`` command that adds it)."""
+    if split not in ("train", "unlabeled"):
+        return BenchError(f"task '{task}' has no '{split}' split; it has test, train, unlabeled")
+    spec = TASK_SPECS[task]
+    what = f"the {spec.train_split} split of dataset {spec.dataset} (task '{task}')"
+    data = "unlabeled" if split == "unlabeled" else "labeled"
+    return _hub.split_not_prepared(what, suite, prepare_args(params), data)
 
 
 _DESCRIPTIONS = {
@@ -888,4 +999,5 @@ for _suite in SUITE_TASKS:
         params=VitParams,
         readiness=functools.partial(missing_artefacts, _suite),
         prepare=functools.partial(prepare_suite, _suite),
+        sizes=functools.partial(artefact_sizes, _suite),
     )(functools.partial(build_vit, _suite))

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub: a stray hub call fails at once
 sys.path.insert(0, str(TESTS_DIR))
 
 import toy_plugin  # noqa: E402,F401  (registers the `toy` suite)

@@ -549,8 +549,9 @@ def test_lm_eval_suite_runs_data_free_methods_and_skips_the_others(causal_lm, tm
         assert all(0.0 <= e["accuracy"] <= 1.0 for e in record["tasks"].values())
     assert by_method["pretrained"]["problem"]["lm_eval_tasks"] == {"sentiment": "tiny_sentiment",
                                                                    "colour": "tiny_colour"}
-    assert ("not applicable: adamerging_tw: lm-eval suites score through lm-eval tasks and expose no unlabeled "
-            "inputs; only data-free methods apply") in err
+    assert ("not applicable: adamerging_tw: suite custom:lm cannot give class_logits or unlabeled_data (per-class "
+            "logits of the merged model on a task's inputs (a forward to optimise through); unlabeled inputs of each "
+            "task (the protocol's adaptation split))") in err
 
 
 def test_lm_eval_unknown_task_name_is_one_line(causal_lm, tmp_path, capsys):

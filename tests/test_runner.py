@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import signal
 import subprocess
@@ -173,3 +174,27 @@ def test_sweep_with_jobs_writes_the_same_records_and_table(tmp_path, monkeypatch
         return {p.name: json.loads(p.read_text())["average"] for p in results.rglob("*.json")}
 
     assert numbers(tmp_path / "parallel") == numbers(tmp_path / "serial") and len(numbers(tmp_path / "serial")) == 10
+
+
+def test_methods_a_suite_cannot_feed_are_skipped_before_anything_is_loaded(tmp_path, monkeypatch):
+    """The planner matches each method's declared needs with the suite's declared capabilities: a run whose
+    methods all lack something never loads the suite, and says what is lacking."""
+    from bench import registry
+
+    spec = registry.get_suite("toy")
+    blind = dataclasses.replace(spec, capabilities=registry.capabilities_of(("labeled_data",)),
+                                fn=lambda *args: pytest.fail("the suite was loaded"))
+    monkeypatch.setitem(registry._SUITES, "toy", blind)
+    messages = []
+    summary = execute(RunConfig(suite="toy", methods=["adamerging_tw", "regmean"], seeds=[0, 1],
+                                results_dir=tmp_path, progress=False), log=messages.append)
+    assert summary.computed == []
+    assert summary.not_applicable == [
+        ("adamerging_tw", "suite toy cannot give class_logits or unlabeled_data (per-class logits of the merged "
+                          "model on a task's inputs (a forward to optimise through); unlabeled inputs of each task "
+                          "(the protocol's adaptation split))"),
+        ("regmean", "suite toy cannot give linear_inputs (the inputs of every merged linear layer on given "
+                    "examples)"),
+    ]
+    assert messages == [f"skipped {name}: {reason}" for name, reason in summary.not_applicable]
+    assert list(tmp_path.iterdir()) == []

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from bench.errors import BenchError
-from bench.problem import MergeProblem, check_compatible
+from bench.model_pool import check_compatible
+from bench.problem import MergeProblem
 from bench.registry import build_params, get_suite
 from suites import tiny8
 from suites._clip_classification import ClipClassificationProblem, read_artifacts
@@ -209,7 +210,7 @@ def test_evaluate_is_consistent(problem: ClipClassificationProblem) -> None:
 
 
 def test_logits_use_the_given_weights_strictly(problem: ClipClassificationProblem) -> None:
-    inputs = problem.unlabeled("shapes", 8, seed=0)
+    inputs = problem.inputs("shapes", "test")[:8]
     base_logits = problem.logits(problem.pretrained(), "shapes", inputs)
     assert base_logits.shape == (8, len(tiny8.TASK_CLASSES["shapes"]))
     assert not torch.allclose(base_logits, problem.logits(problem.expert("shapes"), "shapes", inputs))
@@ -225,16 +226,19 @@ def _rows_in(rows: torch.Tensor, pool: torch.Tensor) -> bool:
     return bool((rows.flatten(1)[:, None] == pool.flatten(1)[None]).all(dim=-1).any(dim=1).all())
 
 
-def test_unlabeled_is_deterministic_per_seed_and_differs_across_seeds(
+def test_unlabeled_draws_are_seeded_positions_whose_inputs_are_gathered_on_demand(
     problem: ClipClassificationProblem,
 ) -> None:
-    first = problem.unlabeled("textures", 16, seed=5)
-    assert first.dtype == torch.float32 and first.shape == (16, 3, 16, 16)
-    assert torch.equal(first, problem.unlabeled("textures", 16, seed=5))
-    assert not torch.equal(first, problem.unlabeled("textures", 16, seed=6))
-    assert torch.equal(problem.unlabeled("textures", 8, seed=5), first[:8])  # a smaller draw is a prefix
+    first = problem.unlabeled_indices("textures", 16, seed=5)
+    assert first.dtype == torch.int64 and len(set(first.tolist())) == 16  # distinct positions
+    assert torch.equal(first, problem.unlabeled_indices("textures", 16, seed=5))
+    assert not torch.equal(first, problem.unlabeled_indices("textures", 16, seed=6))
+    assert torch.equal(problem.unlabeled_indices("textures", 8, seed=5), first[:8])  # a smaller draw is a prefix
+    inputs = problem.unlabeled_inputs("textures", first)
+    assert inputs.dtype == torch.float32 and inputs.shape == (16, 3, 16, 16)
+    assert torch.equal(inputs, problem.inputs("textures", "test")[first])  # the test images, in draw order
     state = torch.random.get_rng_state()
-    problem.unlabeled("textures", 4, seed=1)
+    problem.unlabeled_indices("textures", 4, seed=1)
     assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is never touched
 
 
@@ -243,12 +247,12 @@ def test_protocols_draw_unlabeled_from_different_splits(ci_cache: Path) -> None:
     assert (transductive.protocol, inductive.protocol) == ("transductive", "inductive")
     test_inputs = transductive.inputs("position", "test")
     unlabeled_inputs = transductive.inputs("position", "unlabeled")
-    from_test = transductive.unlabeled("position", 12, seed=0)
-    disjoint = inductive.unlabeled("position", 12, seed=0)
+    from_test = transductive.unlabeled_inputs("position", transductive.unlabeled_indices("position", 12, seed=0))
+    disjoint = inductive.unlabeled_inputs("position", inductive.unlabeled_indices("position", 12, seed=0))
     assert _rows_in(from_test, test_inputs)
     assert _rows_in(disjoint, unlabeled_inputs) and not _rows_in(disjoint[:1], test_inputs)
     with pytest.raises(BenchError, match="'unlabeled' split has"):
-        inductive.unlabeled("position", len(inductive.split("position", "unlabeled")) + 1, seed=0)
+        inductive.unlabeled_indices("position", len(inductive.split("position", "unlabeled")) + 1, seed=0)
     with pytest.raises(BenchError, match="protocol"):
         tiny8.build(tiny8.Tiny8Params(size="ci", protocol="oracle"), ci_cache, progress=False)
 
@@ -286,7 +290,7 @@ def test_is_a_merge_problem(problem: ClipClassificationProblem) -> None:
 
 def test_one_encoder_pass_for_all_tasks_matches_per_task_logits(problem: ClipClassificationProblem) -> None:
     params = {k: v.clone().requires_grad_(True) for k, v in problem.pretrained().items()}
-    batches = {task: problem.unlabeled(task, 5 + i, seed=0) for i, task in enumerate(problem.tasks)}
+    batches = {task: problem.inputs(task, "test")[: 5 + i] for i, task in enumerate(problem.tasks)}
     together = problem.logits_per_task(params, batches)
     assert list(together) == problem.tasks
     for task, inputs in batches.items():

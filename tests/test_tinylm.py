@@ -88,9 +88,10 @@ def test_lm_eval_task_files_use_absolute_paths(ci_run):
 def test_samplers_are_seeded_and_protocol_dependent(ci_run):
     root, _ = ci_run
     problem = ci_problem(root / "cache")
-    first = problem.unlabeled("topic", 8, seed=3)
-    assert torch.equal(first, problem.unlabeled("topic", 8, seed=3))
-    assert not torch.equal(first, problem.unlabeled("topic", 8, seed=4))
+    first = problem.unlabeled_indices("topic", 8, seed=3)
+    assert torch.equal(first, problem.unlabeled_indices("topic", 8, seed=3))
+    assert not torch.equal(first, problem.unlabeled_indices("topic", 8, seed=4))
+    assert torch.equal(problem.unlabeled_inputs("topic", first), problem.split("topic", "test").prompts[first])
     inputs, labels = problem.labeled("counting", 6, seed=0)
     assert inputs.dtype == torch.long and labels.tolist() == problem.labeled("counting", 6, seed=0)[1].tolist()
     inductive = tinylm.build(tinylm.TinyLMParams(size="ci", protocol="inductive"), root / "cache", progress=False)

@@ -159,10 +159,12 @@ def test_openclip_experts_without_a_hub_mirror_are_placed_by_hand(tmp_path, monk
 
 
 def test_missing_cache_fails_fast_with_one_line(tmp_path, capsys):
+    """What every method needs is checked up front: checkpoints and the 8 test splits (train splits are checked when
+    a method reads one)."""
     with pytest.raises(MissingArtifact) as error:
         build_vit("vit8", VitParams(backbone="vit-b-16"), tmp_path, progress=False)
     assert str(error.value) == (
-        f"suite 'vit8' needs checkpoint openai/clip-vit-base-patch16 (and 24 more), which is not in the cache "
+        f"suite 'vit8' needs checkpoint openai/clip-vit-base-patch16 (and 16 more), which is not in the cache "
         f"{tmp_path}; run `bench prepare vit8 --set suite.backbone=vit-b-16` on a machine with hub access "
         f"(same --cache/BENCH_CACHE), then rerun")
 
@@ -171,7 +173,7 @@ def test_missing_cache_fails_fast_with_one_line(tmp_path, capsys):
                              "--results", str(results), "--no-progress")
     assert code == 2 and out == ""
     assert err == (
-        f"bench: error: suite 'vit8' needs checkpoint openai/clip-vit-base-patch32 (and 24 more), which is not in "
+        f"bench: error: suite 'vit8' needs checkpoint openai/clip-vit-base-patch32 (and 16 more), which is not in "
         f"the cache {tmp_path / 'c'}; run `bench prepare vit8` on a machine with hub access (same --cache/BENCH_CACHE),"
         f" then rerun\n")
     assert not any(results.rglob("*.json"))
@@ -240,7 +242,7 @@ def test_gradients_reach_merging_coefficients(hf_cache):
     lam = torch.tensor(0.3, requires_grad=True)
     base, expert = problem.pretrained(), problem.expert("mnist")
     merged = {k: v + lam * (expert[k] - v) for k, v in base.items()}
-    logits = problem.logits(merged, "mnist", problem.unlabeled("mnist", 4, seed=0))
+    logits = problem.logits(merged, "mnist", problem.inputs("mnist", "test")[:4])
     logits.logsumexp(dim=-1).sum().backward()
     assert lam.grad is not None and torch.isfinite(lam.grad) and lam.grad != 0
 
@@ -261,7 +263,10 @@ def test_inductive_protocol_adapts_on_the_train_split(hf_cache):
     problem = build_vit("vit8", VitParams(tasks="mnist", protocol="inductive", cache_inputs=False), hf_cache,
                         progress=False)
     assert problem.unlabeled_size("mnist") == 16 and len(problem.split("mnist", "test")) == 12
-    assert problem.unlabeled("mnist", 16, seed=1).shape == (16, 3, 32, 32)
+    drawn = problem.unlabeled_indices("mnist", 16, seed=1)
+    inputs = problem.unlabeled_inputs("mnist", drawn[3:7])  # one batch, decoded from the dataset on demand
+    assert inputs.dtype == torch.float32 and inputs.shape == (4, 3, 32, 32)
+    assert torch.equal(inputs, problem.inputs("mnist", "unlabeled")[drawn[3:7]])
 
 
 def test_expert_with_other_shapes_fails_before_any_work_naming_the_tensor(hf_cache, tmp_path, capsys):

@@ -52,9 +52,15 @@ class ToyProblem(MergeProblem):
     def _labels(self, task: str, inputs: Tensor) -> Tensor:
         return self.logits(self._experts[task], task, inputs).argmax(-1)
 
-    def unlabeled(self, task: str, n: int, seed: int) -> Tensor:
-        source = self._test[task] if self.protocol == "transductive" else self._pool[task]
-        return source[torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:n]]
+    def _adaptation_inputs(self, task: str) -> Tensor:
+        return self._test[task] if self.protocol == "transductive" else self._pool[task]
+
+    def unlabeled_indices(self, task: str, n: int, seed: int) -> Tensor:
+        size = len(self._adaptation_inputs(task))
+        return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n]
+
+    def unlabeled_inputs(self, task: str, indices: Tensor) -> Tensor:
+        return self._adaptation_inputs(task)[indices]
 
     def linear_inputs(self, params: StateDict, task: str, inputs: Tensor) -> dict[str, Tensor]:
         return {"w": inputs}
@@ -87,13 +93,13 @@ def build(params: ToyParams, cache_dir: Path, progress: bool) -> ToyProblem:
 TOY_HUB_FILES = ("toy/base.pt", "toy/data.pt")
 
 
-def toy_hub_missing(params: ToyParams, cache_dir: Path) -> list[str]:
+def toy_hub_missing(params: ToyParams, cache_dir: Path, needs: object) -> list[str]:
     from suites._hub import is_complete
 
     return [f"artefact {name}" for name in TOY_HUB_FILES if not is_complete(Path(cache_dir) / "toyhub" / name)]
 
 
-def toy_hub_prepare(params: ToyParams, cache_dir: Path, progress: bool) -> None:
+def toy_hub_prepare(params: ToyParams, cache_dir: Path, progress: bool, needs: object) -> None:
     from suites._hub import fetch
 
     for name in TOY_HUB_FILES:
