@@ -63,6 +63,8 @@ from bench.registry import (
     param,
     register_suite_resolver,
 )
+from suites import _clip_images as clip_images
+from suites import _clip_weights as clip_weights
 from suites import _hub, vit
 from suites._clip_classification import DataSplit, TaskData, derived_seed
 from suites._lm import (
@@ -80,7 +82,7 @@ from suites._lm import (
 from suites._torchvision_compat import ensure_torchvision_importable
 from suites._vit_tasks import TaskSpec
 from suites.llm import LlmProblem
-from suites.vit import LoadedBackbone, VitParams, VitProblem
+from suites.vit import VitParams, VitProblem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -101,7 +103,8 @@ LOCAL_PREFIXES = ("/", "./", "../", "~")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 SPLIT_PLACEHOLDER = "{split}"
 # What `bench prepare` fetches of a hub checkpoint: config, tokenizer (sentencepiece included) and weights.
-MODEL_FILES = vit.CheckpointFiles(vit.HF_WEIGHT_FILES, (*vit.HF_FILES.preferred, "*.model"), vit.HF_FILES.fallback)
+MODEL_FILES = vit.CheckpointFiles(clip_weights.HF_WEIGHT_FILES, (*vit.HF_FILES.preferred, "*.model"),
+                                  vit.HF_FILES.fallback)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -489,12 +492,12 @@ def checkpoint_tensors(suite: SuiteFile, ref: Reference, folder: Path) -> Mappin
     """A checkpoint's tensors: transformers' weight files (safetensors, sharded, or a weights-only torch file),
     else the folder's safetensors state dict. Pickled objects are refused. Safetensors come as a reader (one
     tensor read at a time), so experts are never held whole."""
-    names = [*vit.HF_WEIGHT_FILES,
-             *sorted(p.name for p in folder.glob("*.safetensors") if p.name not in vit.HF_WEIGHT_FILES)]
+    names = [*clip_weights.HF_WEIGHT_FILES,
+             *sorted(p.name for p in folder.glob("*.safetensors") if p.name not in clip_weights.HF_WEIGHT_FILES)]
     if not any((folder / name).is_file() for name in names):
         raise suite.fail(ref.key, f"{folder} holds no weights (model.safetensors, pytorch_model.bin or a "
                                   f"*.safetensors state dict); save the checkpoint with save_pretrained")
-    return vit.open_weights(folder, names)
+    return clip_weights.open_weights(folder, names)
 
 
 def folder_identity(folder: Path) -> str:
@@ -528,7 +531,8 @@ def open_split(suite: SuiteFile, task_name: str, split: str, cache_dir: Path) ->
     if ref.hub_id:
         folder = _hub.require(_hub.dataset_dir(cache_dir, ref.hub_id, split, task.dataset_config or None),
                               suite.source, f"dataset {ref.hub_id}, {split} split", cache_dir)
-        return OpenedSplit(vit.load_split(folder), _hub.manifest_digest(folder), f"dataset {ref.hub_id} ({split})")
+        return OpenedSplit(clip_images.load_split(folder), _hub.manifest_digest(folder),
+                           f"dataset {ref.hub_id} ({split})")
     return open_local_split(suite, ref, split, split == task.eval_split, cache_dir)
 
 
@@ -651,8 +655,8 @@ def prepared_splits(suite: SuiteFile, name: str, cache_dir: Path) -> list[str]:
             or _hub.is_complete(_hub.dataset_dir(cache_dir, ref.hub_id, split, task.dataset_config or None))]
 
 
-def load_clip_base(suite: SuiteFile, folder: Path) -> LoadedBackbone:
-    """A transformers ``CLIPModel`` folder as a :class:`~suites.vit.LoadedBackbone`, from the pieces of
+def load_clip_base(suite: SuiteFile, folder: Path) -> clip_weights.LoadedBackbone:
+    """A transformers ``CLIPModel`` folder as a :class:`~suites._clip_weights.LoadedBackbone`, from the pieces of
     :func:`suites.vit.load_hf_backbone` (which reads the folder of a fixed hub id). The text tower is built only
     when a head is not cached yet."""
     ensure_torchvision_importable()
@@ -668,13 +672,14 @@ def load_clip_base(suite: SuiteFile, folder: Path) -> LoadedBackbone:
     if "visual_projection.weight" not in raw:
         raise suite.fail("base", f"{folder} lacks tensor 'visual_projection.weight'; the base must be a whole "
                                  f"CLIPModel (its text tower builds the zero-shot heads)")
-    encoder = vit.HFClipImageEncoder(config.vision_config, config.projection_dim)
-    pretrained = vit.hf_vision_tensors(raw, vit.non_persistent_buffers(encoder), f"base {suite.base.text}")
+    encoder = clip_weights.HFClipImageEncoder(config.vision_config, config.projection_dim)
+    skip = clip_weights.non_persistent_buffers(encoder)
+    pretrained = clip_weights.hf_vision_tensors(raw, skip, f"base {suite.base.text}")
     expected = {k: v for k, v in encoder.state_dict().items() if k.startswith("vision_model.")}
     check_compatible(expected, [pretrained], [f"base {suite.base.text}"])
-    frozen = vit.frozen_tensors(encoder, pretrained, {"visual_projection.weight": raw["visual_projection.weight"]
-                                                      .float()})
-    text_model = functools.cache(lambda: vit.full_clip_model(folder, config, CLIPModel, raw))
+    projection = raw["visual_projection.weight"].float()
+    frozen = clip_weights.frozen_tensors(encoder, pretrained, {"visual_projection.weight": projection})
+    text_model = functools.cache(lambda: clip_weights.full_clip_model(folder, config, CLIPModel, raw))
 
     def encode_text(prompts: list[str]) -> Tensor:
         model = text_model()
@@ -684,7 +689,7 @@ def load_clip_base(suite: SuiteFile, folder: Path) -> LoadedBackbone:
             pooled = model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
             return model.text_projection(pooled.pooler_output).cpu()
 
-    return LoadedBackbone(encoder=encoder, pretrained=pretrained, frozen=frozen,
+    return clip_weights.LoadedBackbone(encoder=encoder, pretrained=pretrained, frozen=frozen,
                           image_size=int(config.vision_config.image_size), logit_scale=float(raw["logit_scale"]),
                           encode_text=encode_text, identity=f"custom:{folder_identity(folder)}",
                           expert_reader=lambda task: {})
@@ -699,14 +704,14 @@ def task_spec(suite: SuiteFile, name: str) -> TaskSpec:
                     label_column=task.label_column)
 
 
-def clip_experts(suite: SuiteFile, backbone: LoadedBackbone, cache_dir: Path) -> dict[str, StateDict]:
+def clip_experts(suite: SuiteFile, backbone: clip_weights.LoadedBackbone, cache_dir: Path) -> dict[str, StateDict]:
     """Every expert's vision tower, checked against the base (naming the first mismatching tensor) before anything
     else is loaded."""
-    skip = vit.non_persistent_buffers(backbone.encoder)
+    skip = clip_weights.non_persistent_buffers(backbone.encoder)
     experts = {}
     for name, ref in suite.experts.items():
         raw = checkpoint_tensors(suite, ref, model_folder(suite, ref, cache_dir))
-        experts[name] = vit.hf_vision_tensors(raw, skip, f"expert {ref.text} ({ref.key})")
+        experts[name] = clip_weights.hf_vision_tensors(raw, skip, f"expert {ref.text} ({ref.key})")
         check_compatible(backbone.pretrained, [experts[name]], [name])
     return experts
 
@@ -718,12 +723,12 @@ def image_task_data(suite: SuiteFile, name: str, image_size: int, cache_dir: Pat
     for split in prepared_splits(suite, name, cache_dir):
         opened = open_split(suite, name, split, cache_dir)
         require_columns(suite, opened, (task.image_column, task.label_column), name)
-        images: Any = vit.SplitImages(opened.dataset, task.image_column, image_size)
+        images: Any = clip_images.SplitImages(opened.dataset, task.image_column, image_size)
         if split == task.eval_split:  # scored by every method: preprocess once, keep on disk
-            digest = hashlib.sha256(json.dumps([vit.PREPROCESS_VERSION, opened.identity, task.image_column,
+            digest = hashlib.sha256(json.dumps([clip_images.PREPROCESS_VERSION, opened.identity, task.image_column,
                                                 image_size]).encode()).hexdigest()[:16]
             stored = Path(cache_dir) / "custom" / "inputs" / f"{name}-{split}-{digest}.npy"
-            images = vit.store_images(images, stored, progress, f"{name}: {split}")
+            images = clip_images.store_images(images, stored, progress, f"{name}: {split}")
         splits[split] = DataSplit(images, class_ids(suite, opened, name))
     return TaskData(task.class_names, named_splits(task, splits))
 
@@ -751,7 +756,7 @@ def build_image_problem(suite: SuiteFile, params: Any, cache_dir: Path, progress
         name=suite.name, encoder=backbone.encoder, pretrained=backbone.pretrained, frozen=backbone.frozen,
         expert_reader=experts.__getitem__, heads=heads, data=data, protocol=params.protocol,
         missing_split=functools.partial(missing_split, suite, params),
-        prepare=vit.normalise_images, eval_batch_size=params.eval_batch_size,
+        prepare=clip_images.normalise_images, eval_batch_size=params.eval_batch_size,
         cpu_threads=1 if size < vit.SINGLE_THREAD_BELOW else None,
         facts={"suite_file": str(suite.resolved), "sha256": suite.sha256, "kind": suite.kind,
                "image_size": backbone.image_size, "pretrained_identity": backbone.identity},

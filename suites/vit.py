@@ -38,15 +38,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import json
 import os
-import pickle
 import sys
 import tempfile
-import types
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -54,11 +50,11 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import functional_call
 
 from bench.errors import BenchError, missing_artifact_error, unknown_name_error
-from bench.model_pool import SafetensorsWeights, check_compatible, mapped
+from bench.model_pool import SafetensorsWeights, check_compatible
 from bench.problem import MergeProblem, StateDict
 from bench.registry import ALL_DATA, SCORED_SPLITS_ONLY, ArtefactSize, DataNeeds, param, register_suite
 from suites import _hub
@@ -70,20 +66,39 @@ from suites._clip_classification import (
     TaskData,
     average_prompt_embeddings,
 )
+from suites._clip_images import (
+    PREPROCESS_VERSION,
+    SplitImages,
+    load_split,
+    normalise_images,
+    store_images,
+)
+from suites._clip_weights import (
+    HF_WEIGHT_FILES,
+    OPENCLIP_WEIGHT_FILES,
+    HFClipImageEncoder,
+    LoadedBackbone,
+    OpenClipImageEncoder,
+    as_float32,
+    frozen_tensors,
+    full_clip_model,
+    head_device,
+    hf_vision_tensors,
+    load_trusted_pickle,
+    non_persistent_buffers,
+    open_weights,
+    openclip_visual_tensors,
+    read_weights,
+)
 from suites._torchvision_compat import ensure_torchvision_importable
 from suites._vit_tasks import SUITE_TASKS, TASK_SPECS, TaskSpec
 
 SOURCES = ("hf", "openclip")
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PREPROCESS_VERSION = 1  # bump when the image preprocessing changes, so cached input tensors are rebuilt
 HEAD_VERSION = 1  # bump when head construction changes
 # Encoders smaller than this (the tests' tiny ones) run on one CPU thread: for them OpenMP workers mostly wait on
 # each other, ~100x slower on a shared machine. Real CLIP encoders (88M+ parameters) keep torch's default.
 SINGLE_THREAD_BELOW = 5_000_000
 TASK_VECTORS_DRIVE = "https://drive.google.com/drive/folders/1u_Tva6x0p6oxu5Eo0ZZsf-520Cc_3MKw"
-HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-OPENCLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
 @dataclass(frozen=True)
@@ -344,110 +359,6 @@ def require_ready(suite: str, params: VitParams, cache_dir: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------
-
-
-def open_weights(folder: Path, names: Sequence[str]) -> Mapping[str, Tensor]:
-    """The first of ``names`` present in ``folder``, as a reader when it is safetensors (also sharded): tensors
-    are then read one at a time, never the whole checkpoint at once; a weights-only torch file is loaded."""
-    for name in names:
-        path = folder / name
-        if not path.is_file():
-            continue
-        if name.endswith(".safetensors") or name.endswith(".index.json"):
-            return SafetensorsWeights.open(path, str(path))
-        return load_weights_only(path)
-    raise BenchError(f"{folder} holds none of {', '.join(names)}; rerun `bench prepare` for it")
-
-
-def read_weights(folder: Path, names: Sequence[str]) -> StateDict:
-    """Every tensor of the first of ``names`` present in ``folder`` (see :func:`open_weights`)."""
-    return dict(open_weights(folder, names).items())
-
-
-def load_weights_only(path: Path) -> StateDict:
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise BenchError(f"{path} is not a plain tensor file ({first}); it is refused rather than unpickled") from None
-    if not isinstance(loaded, dict):
-        raise BenchError(f"{path} holds a {type(loaded).__name__}, not a state dict")
-    return loaded.get("state_dict", loaded)
-
-
-def as_float32(tensors: StateDict) -> StateDict:
-    return {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
-
-
-def hf_vision_tensors(raw: Mapping[str, Tensor], skip: Iterable[str], what: str) -> Mapping[str, Tensor]:
-    """A CLIP vision tower's tensors under ``vision_model.`` as float32, without non-persistent buffers.
-
-    Hub checkpoints (``CLIPModel`` and ``CLIPVisionModel`` saved by transformers 4) name them
-    ``vision_model.embeddings...``; ``CLIPVisionModel`` saved by transformers 5 drops the prefix. Nothing else is
-    filtered: a missing, extra or reshaped tensor is left for :func:`check_compatible` to name.
-    """
-    if any(k.startswith("vision_model.") for k in raw):
-        names = {k: k for k in raw if k.startswith("vision_model.")}
-    elif "embeddings.patch_embedding.weight" in raw:
-        names = {f"vision_model.{k}": k for k in raw}
-    else:
-        raise BenchError(f"{what} holds no CLIP vision tower (no 'vision_model.*' or 'embeddings.*' tensors)")
-    skip = set(skip)
-    return mapped(raw, {new: old for new, old in names.items() if new not in skip}, cast=torch.float32)
-
-
-class PickleStandIn(nn.Module):
-    """Stands in for classes of task_vectors' ``src.modeling`` (and anything else missing) while unpickling."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__()
-
-    def __setstate__(self, state: Any) -> None:
-        if isinstance(state, dict):
-            if "_modules" in state or "_parameters" in state:
-                nn.Module.__setstate__(self, state)
-            else:
-                self.__dict__.update(state)
-
-
-class _StandInUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "src" or module.startswith("src."):
-            return type(name, (PickleStandIn,), {"__module__": module})
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            return type(name, (PickleStandIn,), {"__module__": module})
-
-
-_STAND_IN_PICKLE = types.SimpleNamespace(Unpickler=_StandInUnpickler, load=pickle.load, __name__="pickle")
-
-
-def load_trusted_pickle(path: Path) -> StateDict:
-    """A whole pickled module (task_vectors' ``finetuned.pt``) as its state dict. Only after an explicit opt-in."""
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_STAND_IN_PICKLE)
-    except Exception as error:  # noqa: BLE001 - unpickling fails in many ways; report one line
-        raise BenchError(f"cannot unpickle {path}: {type(error).__name__}: {error}".splitlines()[0]) from None
-    if isinstance(loaded, nn.Module):
-        return loaded.state_dict()
-    if isinstance(loaded, dict):
-        return loaded.get("state_dict", loaded)
-    raise BenchError(f"{path} holds a {type(loaded).__name__}, neither a module nor a state dict")
-
-
-def openclip_visual_tensors(raw: Mapping[str, Tensor], what: str) -> Mapping[str, Tensor]:
-    """``visual.*`` tensors of an open_clip model wherever they sit (``model.visual.``, ``visual.``, or bare)."""
-    anchor = next((k for k in raw if k == "visual.conv1.weight" or k.endswith(".visual.conv1.weight")), None)
-    if anchor is not None:
-        prefix = anchor[: -len("conv1.weight")]
-    elif "conv1.weight" in raw:
-        prefix = ""
-    else:
-        raise BenchError(f"{what} holds no open_clip image encoder (no 'visual.conv1.weight' tensor)")
-    return mapped(raw, {"visual." + k[len(prefix):]: k for k in raw if k.startswith(prefix)}, cast=torch.float32)
-
-
 def task_vectors_expert_file(folder: Path) -> Path:
     safetensors = folder / "finetuned.safetensors"
     return safetensors if safetensors.is_file() else folder / "finetuned.pt"
@@ -469,59 +380,6 @@ def refuse_untrusted_pickles(params: VitParams, cache_dir: Path, tasks: Sequence
 # ----------------------------------------------------------------------------------------------------------
 # Encoders (the module that functional_call runs with merged weights) and text towers (for the heads)
 # ----------------------------------------------------------------------------------------------------------
-
-
-class HFClipImageEncoder(nn.Module):
-    """transformers' CLIP vision tower plus the pretrained visual projection; parameter names as CLIPVisionModel."""
-
-    def __init__(self, vision_config: Any, projection_dim: int) -> None:
-        super().__init__()
-        from transformers import CLIPVisionModel
-
-        tower = CLIPVisionModel(vision_config)
-        self.vision_model = getattr(tower, "vision_model", tower)  # transformers 4 wraps the tower, 5 does not
-        self.visual_projection = nn.Linear(vision_config.hidden_size, projection_dim, bias=False)
-
-    def forward(self, pixel_values: Tensor) -> Tensor:
-        return self.visual_projection(self.vision_model(pixel_values=pixel_values).pooler_output)
-
-
-class OpenClipImageEncoder(nn.Module):
-    """open_clip's ``model.visual`` under the name ``visual`` (its output is already projected)."""
-
-    def __init__(self, visual: nn.Module) -> None:
-        super().__init__()
-        self.visual = visual
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.visual(images)
-
-
-@dataclass
-class LoadedBackbone:
-    """A built encoder with its pretrained weights, what stays frozen, and how to embed prompts."""
-
-    encoder: nn.Module
-    pretrained: StateDict  # merged keys only
-    frozen: StateDict  # the encoder's other parameters and buffers (projection, position ids)
-    image_size: int
-    logit_scale: float
-    encode_text: Callable[[list[str]], Tensor]  # prompts -> unnormalised text embeddings
-    identity: str  # digest of the pretrained artefact (part of the head cache key)
-    expert_reader: Callable[[str], StateDict]  # task -> raw expert tensors
-
-
-def frozen_tensors(encoder: nn.Module, merged: Iterable[str], overrides: StateDict) -> StateDict:
-    """Every parameter and buffer of ``encoder`` that is not merged, from ``overrides`` when given there."""
-    merged = set(merged)
-    everything = {**dict(encoder.named_parameters()), **dict(encoder.named_buffers())}
-    return {k: overrides.get(k, v).detach().clone() for k, v in everything.items() if k not in merged}
-
-
-def non_persistent_buffers(encoder: nn.Module) -> set[str]:
-    return {name for name, _ in encoder.named_buffers()} - set(encoder.state_dict())
-
-
 def load_hf_backbone(params: VitParams, cache_dir: Path) -> LoadedBackbone:
     ensure_torchvision_importable()
     from transformers import AutoTokenizer, CLIPConfig, CLIPModel
@@ -549,7 +407,7 @@ def load_hf_backbone(params: VitParams, cache_dir: Path) -> LoadedBackbone:
         model, tokenizer = text_tower["model"], text_tower["tokenizer"]
         tokens = tokenizer(prompts, padding=True, truncation=True, return_tensors="pt",
                            max_length=config.text_config.max_position_embeddings)
-        tokens = {k: v.to(_head_device()) for k, v in tokens.items()}
+        tokens = {k: v.to(head_device()) for k, v in tokens.items()}
         with torch.no_grad():
             pooled = model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
             return model.text_projection(pooled.pooler_output).cpu()
@@ -562,21 +420,6 @@ def load_hf_backbone(params: VitParams, cache_dir: Path) -> LoadedBackbone:
     return LoadedBackbone(encoder=encoder, pretrained=pretrained, frozen=frozen,
                           image_size=int(config.vision_config.image_size), logit_scale=float(raw["logit_scale"]),
                           encode_text=encode_text, identity=_hub.manifest_digest(folder), expert_reader=read_expert)
-
-
-def full_clip_model(folder: Path, config: Any, model_cls: Any, raw: StateDict) -> nn.Module:
-    """The whole pretrained CLIPModel (text tower included) on the head device, for encoding prompts."""
-    model = model_cls(config)
-    missing, _ = model.load_state_dict(as_float32(raw), strict=False)  # old files also hold position_ids buffers
-    missing = [k for k in missing if k not in non_persistent_buffers(model)]
-    if missing:
-        raise BenchError(f"checkpoint in {folder} lacks tensor '{missing[0]}'")
-    return model.eval().to(_head_device())
-
-
-def _head_device() -> torch.device:
-    """Heads are computed once and cached; a GPU makes the thousands of prompts of vit20 quick."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def openclip_weights_file(params: VitParams, cache_dir: Path) -> Path:
@@ -607,10 +450,10 @@ def load_openclip_backbone(params: VitParams, cache_dir: Path) -> LoadedBackbone
     image_size = int(image_size[0] if isinstance(image_size, (tuple, list)) else image_size)
 
     def encode_text(prompts: list[str]) -> Tensor:
-        model.to(_head_device())  # moved back afterwards: its image tower is the problem's (CPU) template module
+        model.to(head_device())  # moved back afterwards: its image tower is the problem's (CPU) template module
         try:
             with torch.no_grad():
-                return model.encode_text(tokenizer(prompts).to(_head_device())).cpu()
+                return model.encode_text(tokenizer(prompts).to(head_device())).cpu()
         finally:
             model.to("cpu")
 
@@ -676,149 +519,6 @@ def _atomic_save(tensors: StateDict, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Data: saved `datasets` splits, CLIP preprocessing, optional on-disk tensors of the test images
 # ----------------------------------------------------------------------------------------------------------
-
-
-def load_split(folder: Path) -> Any:
-    import datasets
-
-    return datasets.load_from_disk(str(folder))
-
-
-def clip_resize_crop(image: Any, size: int) -> np.ndarray:
-    """CLIP's geometry: bicubic resize of the shorter side to ``size``, centre crop, RGB; uint8 [3, size, size].
-
-    The same steps and rounding as CLIP's (and open_clip's) torchvision pipeline on PIL images; normalisation
-    happens later on the uint8 result, which loses nothing since that pipeline also resizes in 8 bits.
-    """
-    from PIL import Image
-
-    width, height = image.size
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = size, int(size * long / short)
-    new_size = (new_short, new_long) if width <= height else (new_long, new_short)
-    if new_size != (width, height):
-        image = image.resize(new_size, Image.Resampling.BICUBIC)
-    width, height = image.size
-    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
-    image = image.crop((left, top, left + size, top + size)).convert("RGB")
-    return np.array(image, dtype=np.uint8).transpose(2, 0, 1)
-
-
-def normalise_images(images: Tensor | SplitImages | StoredImages) -> Tensor:
-    """uint8 [N, 3, H, W] -> CLIP-normalised float32 (a whole lazily read split is read first)."""
-    if not isinstance(images, Tensor):
-        images = images[:]
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return (torch.as_tensor(images).float() / 255.0 - mean) / std
-
-
-def _as_index_list(index: Any, length: int) -> list[int]:
-    if isinstance(index, slice):
-        return list(range(*index.indices(length)))
-    if isinstance(index, Tensor):
-        return [int(i) for i in index.reshape(-1).tolist()]
-    if isinstance(index, np.ndarray):
-        return [int(i) for i in index.reshape(-1)]
-    return [int(i) for i in index]
-
-
-class SplitImages:
-    """The images of a saved split, read and preprocessed on access: ``images[indices]`` -> uint8 tensor.
-
-    Duck-types the tensor that :class:`DataSplit` holds (``shape`` and indexing by slice or index tensor), so
-    splits far larger than memory work, and only what a sampler draws is decoded.
-    """
-
-    def __init__(self, dataset: Any, column: str, image_size: int) -> None:
-        import datasets
-
-        self.dataset = dataset.select_columns([column])
-        if isinstance(self.dataset.features[column], datasets.Image):  # decode in the worker threads, not here
-            self.dataset = self.dataset.cast_column(column, datasets.Image(decode=False))
-        self.column = column
-        self.image_size = image_size
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return (len(self.dataset), 3, self.image_size, self.image_size)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: Any) -> Tensor:
-        indices = _as_index_list(index, len(self))
-        if not indices:
-            return torch.empty((0, 3, self.image_size, self.image_size), dtype=torch.uint8)
-        images = self.dataset[indices][self.column]
-        workers = min(8, os.cpu_count() or 1, len(images))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            arrays = list(pool.map(self._preprocess, images))
-        return torch.from_numpy(np.stack(arrays))
-
-    def _preprocess(self, item: Any) -> np.ndarray:
-        return clip_resize_crop(decode_image(item), self.image_size)
-
-
-def decode_image(item: Any) -> Any:
-    """A PIL image from what an undecoded ``datasets.Image`` column holds (``{"bytes", "path"}``) or a PIL image."""
-    if not isinstance(item, dict):
-        return item
-    from PIL import Image
-
-    if item.get("bytes") is not None:
-        return Image.open(io.BytesIO(item["bytes"]))
-    return Image.open(item["path"])
-
-
-class StoredImages:
-    """Preprocessed images in a memory-mapped ``.npy`` (uint8 [N, 3, S, S]); same indexing as :class:`SplitImages`."""
-
-    def __init__(self, path: Path) -> None:
-        self.array = np.load(path, mmap_mode="r")
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.array.shape)
-
-    def __len__(self) -> int:
-        return int(self.array.shape[0])
-
-    def __getitem__(self, index: Any) -> Tensor:
-        if not isinstance(index, slice):
-            index = np.asarray(_as_index_list(index, len(self)), dtype=np.int64)
-        return torch.from_numpy(np.array(self.array[index]))  # a copy: the map is read-only
-
-
-def store_images(source: SplitImages, path: Path, progress: bool, label: str, chunk: int = 256) -> StoredImages:
-    """Write every preprocessed image of ``source`` to ``path`` once (atomically), then map it."""
-    if path.is_file():
-        try:
-            stored = StoredImages(path)
-            if stored.shape == source.shape:
-                return stored
-        except (OSError, ValueError):
-            pass
-    from tqdm.auto import tqdm
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npy", dir=path.parent)
-    os.close(handle)
-    try:
-        array = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=source.shape)
-        with tqdm(total=len(source), desc=label, disable=not progress, leave=False, file=sys.stderr) as bar:
-            for start in range(0, len(source), chunk):
-                stop = min(start + chunk, len(source))
-                array[start:stop] = source[start:stop].numpy()
-                bar.update(stop - start)
-        array.flush()
-        del array
-        os.replace(temporary, path)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
-    return StoredImages(path)
-
-
 def split_labels(dataset: Any, spec: TaskSpec, where: str) -> Tensor:
     """The label column as int64 (PatchCamelyon's booleans included), checked against the class names."""
     labels = torch.from_numpy(np.array(dataset.data.column(spec.label_column).to_numpy(), dtype=np.int64))

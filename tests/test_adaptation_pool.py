@@ -1,7 +1,7 @@
 """The test-time methods' unlabeled pool holds positions, not inputs: its memory does not grow with the split.
 
 The image splits here are stored as the vit suites' ``cache_inputs`` stores them: uint8 [N, 3, S, S] in a
-memory-mapped ``.npy`` (:class:`suites.vit.StoredImages`), normalised per batch by ``normalise_images``.
+memory-mapped ``.npy`` (:class:`suites.StoredImages`), normalised per batch by ``normalise_images``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from suites._clip_classification import (
     VisionTransformer,
     VisionTransformerConfig,
 )
-from suites.vit import StoredImages, normalise_images
+from suites._clip_images import StoredImages, normalise_images
 
 TESTS_DIR = Path(__file__).resolve().parent
 CPU = torch.device("cpu")
@@ -38,7 +38,7 @@ MiB = 2**20
 
 
 def write_stored_split(path: Path, size: int) -> StoredImages:
-    """``size`` random uint8 images in the memory-mapped layout that ``suites.vit.store_images`` writes."""
+    """``size`` random uint8 images in the memory-mapped layout that ``suites.store_images`` writes."""
     array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(size, 3, IMAGE_SIZE, IMAGE_SIZE))
     rng = np.random.default_rng(size)
     for start in range(0, size, 4096):

@@ -18,6 +18,7 @@ import torch
 
 from bench.cli import main
 from bench.errors import BenchError, MissingArtifact
+from suites import _clip_images as clip_images
 from suites import _hub
 from suites import vit as vit_suite
 from suites._vit_tasks import SUITE_TASKS, TASK_SPECS
@@ -254,7 +255,7 @@ def test_cached_heads_and_inputs_are_reused(hf_cache, monkeypatch):
         raise AssertionError("recomputed although cached")
 
     monkeypatch.setattr(vit_suite, "build_head", must_not_run)
-    monkeypatch.setattr(vit_suite, "clip_resize_crop", must_not_run)
+    monkeypatch.setattr(clip_images, "clip_resize_crop", must_not_run)
     problem = build_vit("vit8", VitParams(tasks="mnist"), hf_cache, progress=False)
     assert problem.split("mnist", "test").images[0:3].shape == (3, 3, 32, 32)
 
@@ -358,7 +359,7 @@ def test_clip_preprocessing_matches_the_torchvision_pipeline():
                                    transforms.CenterCrop(32), transforms.PILToTensor()])
     for size in ((45, 37), (37, 45), (32, 32), (20, 50)):
         image = Image.fromarray(generator.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-        ours = torch.from_numpy(vit_suite.clip_resize_crop(image, 32))
+        ours = torch.from_numpy(clip_images.clip_resize_crop(image, 32))
         assert torch.equal(ours, pipeline(image)), size
     grey = Image.fromarray(generator.integers(0, 256, (28, 28), dtype=np.uint8), mode="L")
-    assert vit_suite.clip_resize_crop(grey, 32).shape == (3, 32, 32)
+    assert clip_images.clip_resize_crop(grey, 32).shape == (3, 32, 32)
