@@ -185,13 +185,16 @@ class TaskVectorSource(Protocol):
     Calls for one tensor must come in order (start 0, then each previous stop) with lengths that are multiples
     of 64 except the last, because random sources (DARE) consume their streams in that order; ``rewind()``
     starts the streams over so a second pass sees the same vectors. ``sample(key, positions)`` returns
-    ``[K, len(positions)]`` values used only to place a search band (it may be approximate).
+    ``[K, len(positions)]`` values used only to place a search band (it may be approximate); ``base_flat(key)``
+    is θ0's tensor flattened (valid while ``key`` is the one being merged).
     """
 
     base: StateDict
     count: int
 
     def fill(self, key: str, start: int, stop: int, out: Tensor) -> Tensor: ...
+
+    def base_flat(self, key: str) -> Tensor: ...
 
     def accumulate(self, key: str, start: int, stop: int, out: Tensor, scratch: Scratch) -> Tensor: ...
 
@@ -239,6 +242,9 @@ class PlainTaskVectors:
         """Whether the experts are read from files (then a sample should read little of them)."""
         return self._reader.streamed
 
+    def base_flat(self, key: str) -> Tensor:
+        return self.flats(key)[0]
+
     def fill(self, key: str, start: int, stop: int, out: Tensor) -> Tensor:
         for index, row in enumerate(out):
             self.difference(key, index, start, stop, row)
@@ -279,12 +285,13 @@ def mergeable_keys(base: StateDict) -> list[str]:
 
 
 def start_output(base: StateDict) -> StateDict:
-    """Output tensors shaped like the base's: non-mergeable ones copied, the others uninitialised."""
+    """Output tensors shaped like the base's: non-mergeable ones copied, the others uninitialised (from the
+    shapes alone: a base read from a file is not read here)."""
     return {
-        key: torch.empty_like(tensor, memory_format=torch.contiguous_format)
-        if is_mergeable(tensor)
-        else tensor.clone()
-        for key, tensor in base.items()
+        key: torch.empty(shape_of(base, key), dtype=dtype_of(base, key))
+        if dtype_of(base, key).is_floating_point
+        else base[key].clone()
+        for key in base
     }
 
 
@@ -304,7 +311,7 @@ def merge_blockwise(
     out = start_output(base)
     scratch = Scratch()
     for key in mergeable_keys(base):
-        base_flat, out_flat = flat(base[key]), out[key].view(-1)
+        base_flat, out_flat = source.base_flat(key), out[key].view(-1)
         dtype = work_dtype(base_flat.dtype)
         for start, stop in column_blocks(base_flat.numel(), block):
             tau = source.fill(key, start, stop, scratch.get("tau", (source.count, stop - start), dtype))
@@ -318,7 +325,7 @@ def merge_summed(source: TaskVectorSource, *, scaling: float, block: int = BLOCK
     out = start_output(base)
     scratch = Scratch()
     for key in mergeable_keys(base):
-        base_flat, out_flat = flat(base[key]), out[key].view(-1)
+        base_flat, out_flat = source.base_flat(key), out[key].view(-1)
         dtype = work_dtype(base_flat.dtype)
         for start, stop in column_blocks(base_flat.numel(), block):
             total = source.accumulate(key, start, stop, scratch.get("total", (stop - start,), dtype), scratch)
@@ -801,7 +808,7 @@ def ties_merge_task_vectors(
         )
         source.rewind()
     for key in keys:
-        base_flat, out_flat = flat(base[key]), out[key].view(-1)
+        base_flat, out_flat = source.base_flat(key), out[key].view(-1)
         numel, dtype = base_flat.numel(), work_dtype(base_flat.dtype)
         if trim_scope == "global":
             for start, stop in column_blocks(numel, block):

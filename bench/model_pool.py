@@ -60,6 +60,14 @@ class Weights(Mapping[str, Tensor]):
         """Entries ``[start, stop)`` of the flattened tensor (file readers read just those bytes)."""
         return self[key].reshape(-1)[start:stop]
 
+    def read_into(self, key: str, buffer: Tensor) -> Tensor | None:
+        """``self[key]`` read into ``buffer`` (uint8, at least :meth:`nbytes_of` long) and returned as a view of
+        it, or None where this reader cannot read in place (then use ``self[key]``)."""
+        return None
+
+    def nbytes_of(self, key: str) -> int:
+        return self.numel(key) * _element_size(self.dtype(key))
+
     def load(self) -> dict[str, Tensor]:
         """Every tensor, owned by the caller (a copy only where the reader hands out file views)."""
         return {key: self[key] for key in self}
@@ -133,12 +141,16 @@ class SafetensorsWeights(Weights):
     def read_flat(self, key: str, start: int, stop: int) -> Tensor:
         return self._read(key, start, stop)
 
-    def _read(self, key: str, start: int, stop: int) -> Tensor:
+    def read_into(self, key: str, buffer: Tensor) -> Tensor:
+        return self._read(key, 0, self.numel(key), buffer).reshape(self.shape(key))
+
+    def _read(self, key: str, start: int, stop: int, into: Tensor | None = None) -> Tensor:
         path = self._files[key]
         header, data_start = self._header(path)
         dtype = SAFETENSORS_DTYPES[header[key]["dtype"]]
         size = _element_size(dtype)
-        buffer = _owned_bytes(max(stop - start, 0) * size)
+        count = max(stop - start, 0) * size
+        buffer = _owned_bytes(count) if into is None else into[:count]
         offset = data_start + header[key]["data_offsets"][0] + start * size
         try:
             with open(path, "rb", buffering=0) as handle:
@@ -187,6 +199,10 @@ class MappedWeights(Weights):
     def dtype(self, key: str) -> torch.dtype:
         dtype = self.source.dtype(self._names[key])
         return self._cast if self._cast is not None and dtype.is_floating_point else dtype
+
+    def read_into(self, key: str, buffer: Tensor) -> Tensor | None:
+        unchanged = key not in self._transposed and self.dtype(key) == self.source.dtype(self._names[key])
+        return self.source.read_into(self._names[key], buffer) if unchanged else None
 
     def read_flat(self, key: str, start: int, stop: int) -> Tensor:
         if key in self._transposed:
@@ -335,33 +351,53 @@ def read_flat(tensors: Mapping[str, Tensor], key: str, start: int, stop: int) ->
 
 
 class KeyReader:
-    """Every source's tensor of one key at a time, in ``order``; file readers are read one key ahead on a
-    background thread (reading releases the GIL), so reading the next key overlaps merging this one. Holds at
-    most two keys' tensors. Keys asked out of order are read on the spot."""
+    """Every source's tensor of one key at a time, in ``order``.
+
+    File readers are read one key ahead on a background thread (reading releases the GIL), so reading the next
+    key overlaps merging this one, into two sets of buffers used in turn: fresh memory costs page faults (here
+    ~0.7 s a GB, more than the disk), reused memory does not. So the tensors :meth:`get` returns stay valid only
+    until the next call; callers drop them before asking for the next key. Keys asked out of order are read on
+    the spot.
+    """
 
     def __init__(self, sources: Sequence[Mapping[str, Tensor]], order: Sequence[str]) -> None:
         self.sources = list(sources)
         self.order = list(order)
         self._position = {key: index for index, key in enumerate(self.order)}
         self._streamed = any(getattr(source, "streamed", False) for source in self.sources)
-        self._pending: tuple[str, Any] | None = None
+        self._buffers: list[list[Tensor | None]] = [[None] * len(self.sources) for _ in range(2)]
+        self._pending: tuple[str, int, Any] | None = None  # (key, buffer set, future)
         self._executor = None
 
     @property
     def streamed(self) -> bool:
         return self._streamed
 
-    def _read(self, key: str) -> list[Tensor]:
-        return [source[key] for source in self.sources]
+    def _read(self, key: str, slot: int) -> list[Tensor]:
+        tensors = []
+        for index, source in enumerate(self.sources):
+            tensor = None
+            if isinstance(source, Weights) and source.streamed:
+                size, buffer = source.nbytes_of(key), self._buffers[slot][index]
+                if buffer is None or buffer.numel() < size:
+                    buffer = self._buffers[slot][index] = _owned_bytes(size)
+                tensor = source.read_into(key, buffer)
+            tensors.append(source[key] if tensor is None else tensor)
+        return tensors
 
     def get(self, key: str) -> list[Tensor]:
         if not self._streamed:
-            return self._read(key)
-        if self._pending is not None and self._pending[0] == key:
-            tensors = self._pending[1].result()
-        else:
-            tensors = self._read(key)
-        self._pending = None
+            return [source[key] for source in self.sources]
+        tensors, slot = None, 1
+        if self._pending is not None:
+            pending_key, slot, future = self._pending
+            self._pending = None
+            tensors = future.result()  # waited for even when unwanted: its buffers are about to be reused
+            if pending_key != key:
+                tensors = None
+        if tensors is None:
+            slot = 1 - slot
+            tensors = self._read(key, slot)
         following = self._position.get(key, len(self.order)) + 1
         if following < len(self.order):
             if self._executor is None:
@@ -369,13 +405,5 @@ class KeyReader:
 
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
             upcoming = self.order[following]
-            self._pending = (upcoming, self._executor.submit(self._read, upcoming))
+            self._pending = (upcoming, 1 - slot, self._executor.submit(self._read, upcoming, 1 - slot))
         return tensors
-
-    def close(self) -> None:
-        if self._pending is not None:
-            self._pending[1].cancel()
-            self._pending = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None

@@ -126,6 +126,9 @@ class DareTaskVectors:
     def streamed(self) -> bool:
         return self.plain.streamed
 
+    def base_flat(self, key: str) -> Tensor:
+        return self.plain.base_flat(key)
+
     def rewind(self) -> None:
         for stream in self.masks:
             stream.rewind()
@@ -166,8 +169,9 @@ class DareTaskVectors:
         states = [stream.state() for stream in self.masks]
         dense_norms = torch.zeros(self.count, dtype=torch.float64)
         kept_norms = torch.zeros(self.count, dtype=torch.float64)
-        for start, stop in column_blocks(self.base[key].numel(), BLOCK_COLUMNS):
-            row = self.scratch.get("l1", (stop - start,), work_dtype(self.base[key].dtype))
+        base_flat = self.plain.base_flat(key)
+        for start, stop in column_blocks(base_flat.numel(), BLOCK_COLUMNS):
+            row = self.scratch.get("l1", (stop - start,), work_dtype(base_flat.dtype))
             for index in range(self.count):
                 dense_norms[index] += float(self.plain.difference(key, index, start, stop, row).abs().sum())
                 kept_norms[index] += float(self._masked_difference(key, index, start, stop, row).abs().sum())
