@@ -20,8 +20,8 @@ from bench.cli import main
 from bench.errors import BenchError
 from bench.registry import build_params, get_suite
 from suites import _hub
+from suites._suite_file import read_suite_file
 from suites._vit_tasks import TASK_SPECS
-from suites.custom import read_suite_file
 from suites.vit import VitParams, build_vit
 
 TASKS = ["eurosat", "mnist"]
