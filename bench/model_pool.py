@@ -43,6 +43,16 @@ class Weights(Mapping[str, Tensor]):
 
     label: str = "weights"
     streamed = False  # whether reading a tensor goes to a file
+    _keys: Mapping[str, Any]  # what each subclass indexes its tensors by (its key set)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor
+        return key in self._keys
 
     def shape(self, key: str) -> torch.Size:
         return self[key].shape
@@ -81,20 +91,12 @@ class InMemoryWeights(Weights):
     """A state dict that is already in memory."""
 
     def __init__(self, tensors: Mapping[str, Tensor], label: str = "weights") -> None:
-        self._tensors = tensors
+        self._tensors = self._keys = tensors
         self.label = label
 
     def __getitem__(self, key: str) -> Tensor:
         return self._tensors[key]
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
-
-    def __len__(self) -> int:
-        return len(self._tensors)
-
-    def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor
-        return key in self._tensors
 
 
 class SafetensorsWeights(Weights):
@@ -107,7 +109,7 @@ class SafetensorsWeights(Weights):
 
     def __init__(self, files: Mapping[str, Path], label: str) -> None:
         self.label = label
-        self._files = dict(files)
+        self._files = self._keys = dict(files)
         self._headers: dict[Path, dict] = {}
 
     @classmethod
@@ -166,14 +168,6 @@ class SafetensorsWeights(Weights):
                              "download or write it again") from None
         return buffer.view(dtype)
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._files)
-
-    def __len__(self) -> int:
-        return len(self._files)
-
-    def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor
-        return key in self._files
 
 
 class MappedWeights(Weights):
@@ -185,7 +179,7 @@ class MappedWeights(Weights):
         self.source = as_weights(source)
         self.label = self.source.label
         self.streamed = self.source.streamed
-        self._names = dict(names)
+        self._names = self._keys = dict(names)
         self._cast = cast
         self._transposed = frozenset(transposed)
         missing = [old for old in self._names.values() if old not in self.source]
@@ -218,14 +212,6 @@ class MappedWeights(Weights):
             tensor = tensor.to(self._cast)
         return tensor.contiguous()
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor
-        return key in self._names
 
 
 MAPPED_ABOVE = 1 << 20

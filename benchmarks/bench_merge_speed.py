@@ -44,6 +44,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 import torch
+from bench_scale import open_clip_visual_shapes  # benchmarks/ is on sys.path (script or pytest rootdir)
 
 from bench.problem import StateDict
 from methods.dare import dare_ta_merge
@@ -57,34 +58,7 @@ ROUNDS = int(os.environ.get("MERGE_BENCH_ROUNDS", "3"))
 
 def clip_vit_b32_shapes() -> dict[str, tuple[int, ...]]:
     """The open_clip ViT-B/32 visual encoder's parameters (87,849,216 entries)."""
-    width, layers = 768, 12
-    shapes: dict[str, tuple[int, ...]] = {
-        "conv1.weight": (width, 3, 32, 32),
-        "class_embedding": (width,),
-        "positional_embedding": (50, width),
-        "ln_pre.weight": (width,),
-        "ln_pre.bias": (width,),
-    }
-    for layer in range(layers):
-        prefix = f"transformer.resblocks.{layer}."
-        shapes.update(
-            {
-                prefix + "ln_1.weight": (width,),
-                prefix + "ln_1.bias": (width,),
-                prefix + "attn.in_proj_weight": (3 * width, width),
-                prefix + "attn.in_proj_bias": (3 * width,),
-                prefix + "attn.out_proj.weight": (width, width),
-                prefix + "attn.out_proj.bias": (width,),
-                prefix + "ln_2.weight": (width,),
-                prefix + "ln_2.bias": (width,),
-                prefix + "mlp.c_fc.weight": (4 * width, width),
-                prefix + "mlp.c_fc.bias": (4 * width,),
-                prefix + "mlp.c_proj.weight": (width, 4 * width),
-                prefix + "mlp.c_proj.bias": (width,),
-            }
-        )
-    shapes.update({"ln_post.weight": (width,), "ln_post.bias": (width,), "proj": (width, 512)})
-    return shapes
+    return open_clip_visual_shapes(width=768, layers=12, patch=32, tokens=50, output_dim=512, prefix="")
 
 
 def model_bytes() -> int:

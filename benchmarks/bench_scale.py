@@ -6,7 +6,7 @@ Run (its own tox env; never part of the tests)::
     python benchmarks/bench_scale.py --preset llama-3.2-1b --experts 6 --dir /var/tmp/bench-scale
 
 Workload: one random base and K experts (base + small noise) with the real parameter names and shapes, each
-written as one ``.safetensors`` file: (a) the CLIP ViT-L/14 image encoder (303,966,976 fp32 parameters,
+written as one ``.safetensors`` file: (a) the CLIP ViT-L/14 image encoder (303,966,208 fp32 parameters,
 1.2 GB a model), (b) Llama-3.2-1B (1,235,814,400 bf16 parameters, 2.5 GB a model).
 
 Every merge runs in a fresh process through the methods' registered functions on
@@ -34,28 +34,34 @@ import torch
 GIB = 1 << 30
 
 
-def vit_l14_shapes() -> dict[str, tuple[int, ...]]:
-    """open_clip ViT-L/14's visual encoder (303,966,976 entries)."""
-    width, layers = 1024, 24
+def open_clip_visual_shapes(width: int, layers: int, patch: int, tokens: int, output_dim: int,
+                             prefix: str = "visual.") -> dict[str, tuple[int, ...]]:
+    """The parameter shapes of an open_clip ViT image encoder (``tokens`` = patches + the class token)."""
     shapes: dict[str, tuple[int, ...]] = {
-        "visual.conv1.weight": (width, 3, 14, 14),
-        "visual.class_embedding": (width,),
-        "visual.positional_embedding": (257, width),
-        "visual.ln_pre.weight": (width,),
-        "visual.ln_pre.bias": (width,),
+        prefix + "conv1.weight": (width, 3, patch, patch),
+        prefix + "class_embedding": (width,),
+        prefix + "positional_embedding": (tokens, width),
+        prefix + "ln_pre.weight": (width,),
+        prefix + "ln_pre.bias": (width,),
     }
     for layer in range(layers):
-        prefix = f"visual.transformer.resblocks.{layer}."
+        block = f"{prefix}transformer.resblocks.{layer}."
         shapes.update({
-            prefix + "ln_1.weight": (width,), prefix + "ln_1.bias": (width,),
-            prefix + "attn.in_proj_weight": (3 * width, width), prefix + "attn.in_proj_bias": (3 * width,),
-            prefix + "attn.out_proj.weight": (width, width), prefix + "attn.out_proj.bias": (width,),
-            prefix + "ln_2.weight": (width,), prefix + "ln_2.bias": (width,),
-            prefix + "mlp.c_fc.weight": (4 * width, width), prefix + "mlp.c_fc.bias": (4 * width,),
-            prefix + "mlp.c_proj.weight": (width, 4 * width), prefix + "mlp.c_proj.bias": (width,),
+            block + "ln_1.weight": (width,), block + "ln_1.bias": (width,),
+            block + "attn.in_proj_weight": (3 * width, width), block + "attn.in_proj_bias": (3 * width,),
+            block + "attn.out_proj.weight": (width, width), block + "attn.out_proj.bias": (width,),
+            block + "ln_2.weight": (width,), block + "ln_2.bias": (width,),
+            block + "mlp.c_fc.weight": (4 * width, width), block + "mlp.c_fc.bias": (4 * width,),
+            block + "mlp.c_proj.weight": (width, 4 * width), block + "mlp.c_proj.bias": (width,),
         })
-    shapes.update({"visual.ln_post.weight": (width,), "visual.ln_post.bias": (width,), "visual.proj": (width, 768)})
+    shapes.update({prefix + "ln_post.weight": (width,), prefix + "ln_post.bias": (width,),
+                   prefix + "proj": (width, output_dim)})
     return shapes
+
+
+def vit_l14_shapes() -> dict[str, tuple[int, ...]]:
+    """open_clip ViT-L/14's visual encoder (303,966,208 entries)."""
+    return open_clip_visual_shapes(width=1024, layers=24, patch=14, tokens=257, output_dim=768)
 
 
 def llama_1b_shapes() -> dict[str, tuple[int, ...]]:
