@@ -102,8 +102,8 @@ def require_choice(method: str, name: str, value: object, choices: Sequence[obje
 
 
 def require_range(method: str, name: str, value: float, low: float | None, high: float | None) -> None:
-    """ValueError for a hyperparameter outside the closed range [low, high]."""
-    if (low is not None and value < low) or (high is not None and value > high):
+    """ValueError for a hyperparameter outside the closed range [low, high] (NaN is in no range)."""
+    if value != value or (low is not None and value < low) or (high is not None and value > high):
         raise ValueError(f"{method}.{name}={value} is outside [{low}, {high}]; pick a value in that range")
 
 
@@ -770,11 +770,14 @@ class SignElection:
         """Patch the set-aside entries of ``out`` (θ0 there) to θ0 + scaling · merge at the majority sign."""
         majority = self.majority_sign
         patched = 0
+        base_key, base_flat = None, None
         for key, positions, values in self.cancelled:
             if majority == 0:
                 continue
+            if key != base_key:  # blocks of one key come together: read each base tensor once
+                base_key, base_flat = key, flat(base[key])
             merged = disjoint_merge(values, torch.full_like(values[0], float(majority)), self.merge)
-            base_values = flat(base[key])[positions].to(merged.dtype)
+            base_values = base_flat[positions].to(merged.dtype)
             out[key].view(-1)[positions] = (base_values + scaling * merged).to(out[key].dtype)
             patched += positions.numel()
         return patched
