@@ -22,9 +22,10 @@ Regression rule (``bench check``), with Δ = current − baseline in points over
 from __future__ import annotations
 
 import binascii
+import dataclasses
 import datetime as dt
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ from bench.stats import (
     paired_bootstrap,
     wilcoxon,
 )
-from bench.store import ResultsStore, unpack_correct, write_json_atomic
+from bench.store import ResultsStore, is_failed, unpack_correct, write_json_atomic
 
 BASELINE_FORMAT = "merge-bench-baseline"
 BASELINE_VERSION = 1
@@ -138,25 +139,56 @@ def add_latest(runs: Runs, entry: Entry) -> None:
         seeds[entry.seed] = entry
 
 
-def load_results(results: Path | str) -> Runs:
+def load_results(results: Path | str, unreadable: list[Path] | None = None) -> Runs:
+    """The latest entry per (suite, method, seed) label of a results directory. A record that cannot be read is
+    warned about and left out; ``unreadable`` (when given) collects its path (a gate must not pass without it)."""
     root = Path(results)
     if not root.is_dir():
         raise BenchError(f"no results directory '{results}'; run `bench run` first or pass --results DIR")
     runs: Runs = {}
+    failed = 0
+    skipped: list[Path] = []
     for path in sorted(root.glob("*/*/*.json")):
         record = ResultsStore.load(path)
-        if record is not None:
+        if record is None:  # unreadable (ResultsStore.load warned, naming it and why)
+            skipped.append(path)
+        elif is_failed(record):  # no scores: see load_failed
+            failed += 1
+        else:
             add_latest(runs, entry_from_record(record, str(path)))
+    if unreadable is not None:
+        unreadable += skipped
     if not runs:
-        raise BenchError(f"no records in '{results}'; run `bench run --suite ...` first")
+        besides = [f"{failed} failed run(s)"] if failed else []
+        besides += [f"{len(skipped)} unreadable one(s) (see the warnings above)"] if skipped else []
+        only_failed = f" but {' and '.join(besides)}" if besides else ""
+        raise BenchError(f"no records in '{results}'{only_failed}; run `bench run --suite ...` first")
     return runs
 
 
-def load_baseline(path: Path | str) -> Runs:
-    """A baseline from a results directory or an exported file."""
+Failed = dict[tuple[str, str], dict[int, str]]  # (suite, method) label -> seed -> reason
+
+
+def load_failed(results: Path | str, suite: str | None = None) -> Failed:
+    """The failed runs in a results directory (``"status": "failed"``: no scores, never averaged), by suite and
+    method label as in :func:`load_results`, with their reasons; only ``suite``'s when given."""
+    failed: Failed = {}
+    for path in sorted(Path(results).glob("*/*/*.json")):
+        record = ResultsStore.load(path, warn=False)  # load_results warns about the unreadable ones
+        if record is None or not is_failed(record):
+            continue
+        label = variant_label(record["suite"], record.get("suite_variant", {}))
+        if suite is None or suite_matches(label, suite):
+            method = variant_label(record["method"], record.get("variant", {}))
+            failed.setdefault((label, method), {})[int(record["seed"])] = str(record.get("reason") or "no reason")
+    return failed
+
+
+def load_baseline(path: Path | str, unreadable: list[Path] | None = None) -> Runs:
+    """A baseline from a results directory (``unreadable`` as for :func:`load_results`) or an exported file."""
     target = Path(path)
     if target.is_dir():
-        return load_results(target)
+        return load_results(target, unreadable)
     if not target.exists():
         raise BenchError(f"baseline '{path}' does not exist; write one with `bench export --out {path}`")
     try:
@@ -211,6 +243,43 @@ def select_seeds(runs: Runs, seeds: Iterable[int] | None) -> Runs:
     wanted = set(seeds)
     chosen = {key: {s: e for s, e in entries.items() if s in wanted} for key, entries in runs.items()}
     return {key: entries for key, entries in chosen.items() if entries}
+
+
+def method_matches(label: str, name: str) -> bool:
+    """Whether a method label (``ties(k=10)``) is ``name``: that label, or any variant of a plain method name."""
+    return label == name or ("(" not in name and label.startswith(f"{name}("))
+
+
+def select_methods(runs: Mapping[tuple[str, str], Any], methods: Sequence[str] | None) -> dict:
+    """Runs (or failed runs) of ``methods`` only (labels or plain names: :func:`method_matches`); all when None."""
+    if methods is None:
+        return dict(runs)
+    return {key: value for key, value in runs.items() if any(method_matches(key[1], m) for m in methods)}
+
+
+def check_method_names(methods: Sequence[str], *sides: Runs) -> None:
+    """One line when a name of ``--methods`` is in none of ``sides`` (baseline and results), with close matches."""
+    known = sorted({m for runs in sides for _, m in runs})
+    for name in methods:
+        if not any(method_matches(label, name) for label in known):
+            matches = close_matches(name, known)
+            hint = f"did you mean: {', '.join(matches)}?" if matches else f"recorded: {', '.join(known)}"
+            raise BenchError(f"--methods: no records of method '{name}' in the baseline or the results; {hint}")
+
+
+def unreadable_of(paths: Iterable[Path], root: Path | str, suite: str | None,
+                  methods: Sequence[str] | None) -> list[Path]:
+    """The unreadable record files (``<root>/<suite>/<method>/<hash>.json``) of ``suite`` and ``methods`` (their
+    folders tell; their seeds and variants are unknown, so ``--seeds`` keeps them all)."""
+    chosen = []
+    for path in paths:
+        suite_name, method_name = Path(path).relative_to(Path(root)).parts[:2]
+        if suite is not None and suite_name != suite:
+            continue
+        if methods is not None and not any(method_name == m.split("(")[0] for m in methods):
+            continue
+        chosen.append(Path(path))
+    return chosen
 
 
 # ---------------------------------------------------------------- export
@@ -379,14 +448,23 @@ class CheckResult:
     unmatched_suites: list[str]  # in the results, not in the baseline
     tolerance: float
     task_tolerance: float
+    failed_unchecked: list[str] = field(default_factory=list)  # failed runs of methods the baseline lacks
+    # baseline seed runs of a method the results have, absent from them: (suite, method, seeds)
+    missing_seeds: list[tuple[str, str, list[int]]] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)  # record files that could not be read (either side)
 
     @property
     def regressions(self) -> list[CheckRow]:
         return [row for row in self.rows if row.failed]
 
     @property
+    def incomplete(self) -> bool:
+        """Baseline records without a readable counterpart: the gate cannot vouch for them, so it fails."""
+        return bool(self.missing or self.missing_seeds or self.unreadable)
+
+    @property
     def passed(self) -> bool:
-        return not self.regressions
+        return not self.regressions and not self.incomplete
 
 
 def _points(fraction: float) -> float:
@@ -441,8 +519,15 @@ def rank_new(suite: str, method: str, entries: Mapping[int, Entry], baseline: Ru
 
 def check(current: Runs, baseline: Runs, *, tolerance: float = 1.0, task_tolerance: float | None = None,
           resamples: int = DEFAULT_RESAMPLES, results_name: str = "results",
-          baseline_name: str = "baseline") -> CheckResult:
-    """Compare the current runs with the baseline on every suite configuration both have (tolerances in points)."""
+          baseline_name: str = "baseline", failed: Failed | None = None,
+          unreadable: Iterable[Path | str] = ()) -> CheckResult:
+    """Compare the current runs with the baseline on every suite configuration both have (tolerances in points).
+
+    ``failed`` (:func:`load_failed`): a failed run of a method the baseline has is a regression (it scored
+    before); one of a method it lacks is listed, not checked. A baseline method or seed run absent from the
+    results, or an ``unreadable`` record file (of either side), fails the check: it cannot vouch for them.
+    """
+    failed = failed or {}
     if tolerance < 0 or (task_tolerance is not None and task_tolerance < 0):
         raise BenchError("--tolerance and --task-tolerance must be >= 0 (points)")
     task_tolerance = 3 * tolerance if task_tolerance is None else task_tolerance
@@ -451,17 +536,30 @@ def check(current: Runs, baseline: Runs, *, tolerance: float = 1.0, task_toleran
     if not shared:
         raise BenchError(f"no suite configuration in both '{results_name}' ({', '.join(sorted(current_suites))}) "
                          f"and the baseline '{baseline_name}' ({', '.join(sorted(baseline_suites))})")
-    rows, new = [], []
-    for (suite, method), entries in sorted(current.items()):
+    rows, new, unchecked = [], [], []
+    for suite, method in sorted(set(current) | set(failed)):
         if suite not in shared:
             continue
+        entries = current.get((suite, method), {})
+        failures = [f"failed on seed {seed}: {reason}"
+                    for seed, reason in sorted(failed.get((suite, method), {}).items())]
         if (suite, method) in baseline:
-            rows.append(check_row(suite, method, entries, baseline[suite, method], tolerance, task_tolerance,
-                                  resamples))
+            row = (check_row(suite, method, entries, baseline[suite, method], tolerance, task_tolerance, resamples)
+                   if entries else CheckRow(suite, method, None, [], []))
+            rows.append(dataclasses.replace(row, regressions=row.regressions + failures) if failures else row)
         else:
-            new.append(rank_new(suite, method, entries, baseline, resamples))
-    missing = sorted(key for key in baseline if key[0] in shared and key not in current)
-    return CheckResult(rows, new, missing, sorted(current_suites - shared), tolerance, task_tolerance)
+            if entries:
+                new.append(rank_new(suite, method, entries, baseline, resamples))
+            unchecked += [f"{suite} {method} {failure}" for failure in failures]
+    missing = sorted(key for key in baseline if key[0] in shared and key not in current and key not in failed)
+    missing_seeds = []
+    for key, entries in sorted(baseline.items()):
+        if key[0] in shared and key in current:
+            absent = sorted(set(entries) - set(current[key]) - set(failed.get(key, {})))
+            if absent:
+                missing_seeds.append((key[0], key[1], absent))
+    return CheckResult(rows, new, missing, sorted(current_suites - shared), tolerance, task_tolerance, unchecked,
+                       missing_seeds, sorted(str(path) for path in unreadable))
 
 
 # ---------------------------------------------------------------- text
@@ -516,7 +614,7 @@ def format_comparison(comp: Comparison) -> str:
 
 def _verdict(row: CheckRow) -> str:
     if row.comparison is None:
-        return "skipped"
+        return "REGRESSION" if row.failed else "skipped"
     if row.failed:
         return "REGRESSION"
     return "ok (note)" if row.notes else "ok"
@@ -566,9 +664,12 @@ def _rank_lines(item: NewMethod) -> list[str]:
 
 def format_check(result: CheckResult, baseline_name: str) -> str:
     failed = result.regressions
-    status = "FAIL" if failed else "PASS"
+    status = "PASS" if result.passed else "FAIL"
+    seed_runs = sum(len(seeds) for _, _, seeds in result.missing_seeds)
+    incomplete = (f", {seed_runs} seed run(s) missing" if seed_runs else "") + (
+        f", {len(result.unreadable)} unreadable record(s)" if result.unreadable else "")
     counts = (f"{len(failed)} regression(s) in {len(result.rows)} method(s) checked against {baseline_name}, "
-              f"{len(result.new)} new, {len(result.missing)} not rerun "
+              f"{len(result.new)} new, {len(result.missing)} not rerun{incomplete} "
               f"(tolerance: {result.tolerance:g} pt on the average, {result.task_tolerance:g} pt per task)")
     lines = [f"bench check: {status} — {counts}"]
     if result.rows:
@@ -582,9 +683,22 @@ def format_check(result: CheckResult, baseline_name: str) -> str:
     if result.missing:
         names = [m if len({s for s, _ in result.missing}) == 1 else f"{s}:{m}" for s, m in result.missing]
         shown = ", ".join(names[:8]) + (f", … ({len(names) - 8} more)" if len(names) > 8 else "")
-        lines.append(f"in the baseline but not in the results (not checked): {shown}")
+        lines.append(f"in the baseline but not in the results (FAIL: not checked): {shown}")
+    if result.missing_seeds:
+        runs = [f"{suite} {method} seed{'s' if len(seeds) > 1 else ''} {format_seeds(seeds)}"
+                for suite, method, seeds in result.missing_seeds]
+        shown = "; ".join(runs[:8]) + (f"; … ({len(runs) - 8} more)" if len(runs) > 8 else "")
+        lines.append(f"baseline seed runs not in the results (FAIL: not checked): {shown}")
+    if result.unreadable:
+        shown = ", ".join(result.unreadable[:8]) + (f", … ({len(result.unreadable) - 8} more)"
+                                                    if len(result.unreadable) > 8 else "")
+        lines.append(f"unreadable records (FAIL: not checked; see the warnings above): {shown}")
     if result.unmatched_suites:
         lines.append(f"suite configurations with no baseline (not checked): {', '.join(result.unmatched_suites)}")
+    lines += [f"failed run, not in the baseline (not checked): {line}" for line in result.failed_unchecked]
+    if result.incomplete:
+        lines.append("a gate fails on baseline records it cannot check: rerun them (with --resume, only what is "
+                     "missing or unreadable is computed), or narrow the check with --methods/--seeds")
     return "\n".join(lines) + "\n"
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import itertools
+import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,16 +17,31 @@ from bench import registry
 from bench.errors import BenchError
 
 
+def shorten(text: str, width: int = 40) -> str:
+    """``text`` cut to ``width`` characters for a one-line message (a pasted 5000-digit number stays readable)."""
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def parse_seeds(text: str) -> list[int]:
+    """``0,1,2`` -> [0, 1, 2]: integers in [0, MAX_SEED] (what torch and numpy seeding take), duplicates dropped."""
+    from bench.runner import seed_problem
+
     seeds = []
     for part in text.split(","):
         part = part.strip()
         if not part:
             continue
         try:
-            seeds.append(int(part))
+            seed = int(part)
         except ValueError:
-            raise BenchError(f"--seeds {text!r}: '{part}' is not an integer; write e.g. --seeds 0,1,2") from None
+            if re.fullmatch(r"[+-]?[0-9_]+", part):  # digits too many for int(): out of range all the same
+                raise BenchError(f"--seeds {shorten(text)!r}: {shorten(part)} {seed_problem(None)}") from None
+            raise BenchError(f"--seeds {shorten(text)!r}: {shorten(part)!r} is not an integer; write e.g. "
+                             "--seeds 0,1,2") from None
+        problem = seed_problem(seed)
+        if problem:
+            raise BenchError(f"--seeds {shorten(text)!r}: {shorten(part)} {problem}")
+        seeds.append(seed)
     if not seeds:
         raise BenchError("--seeds is empty; write e.g. --seeds 0,1,2")
     return list(dict.fromkeys(seeds))
@@ -47,23 +64,33 @@ def parse_sets(items: Sequence[str]) -> tuple[dict[str, dict[str, str]], dict[st
     return methods, suite
 
 
+MAX_GRID_POINTS = 10_000  # values of one swept parameter, and grid points of one method
+
+
 def parse_grid_values(text: str) -> list[str]:
     """``v1,v2,...`` or an inclusive range ``start:stop:step`` (e.g. ``0:1:0.1`` is 0.0, 0.1, ..., 1.0)."""
     if ":" not in text:
         values = [v.strip() for v in text.split(",") if v.strip()]
         if not values:
             raise BenchError(f"--param value list '{text}' is empty; write v1,v2 or start:stop:step")
+        if len(values) > MAX_GRID_POINTS:
+            raise BenchError(f"--param value list '{shorten(text)}' has {len(values):,} values, more than the "
+                             f"{MAX_GRID_POINTS:,} one parameter may take")
         return values
     parts = text.split(":")
     try:
         start, stop, step = (float(x) for x in parts)
     except ValueError:
         raise BenchError(f"--param range '{text}': write start:stop:step with numbers, e.g. 0:1:0.1") from None
+    if not all(math.isfinite(x) for x in (start, stop, step)):
+        raise BenchError(f"--param range '{text}': start, stop and step must be finite numbers, e.g. 0:1:0.1")
     if step <= 0 or stop < start:
         raise BenchError(f"--param range '{text}': needs step > 0 and stop >= start")
-    count = int(round((stop - start) / step)) + 1
-    if count > 10_000:
-        raise BenchError(f"--param range '{text}' has {count} points; use a coarser step")
+    span = (stop - start) / step  # compared as a float first: 0:1:1e-300 has 1e300 points
+    if not math.isfinite(span) or span > MAX_GRID_POINTS or int(round(span)) + 1 > MAX_GRID_POINTS:
+        raise BenchError(f"--param range '{shorten(text)}' has more than {MAX_GRID_POINTS:,} points (the most one "
+                         "parameter may take); use a coarser step")
+    count = int(round(span)) + 1
     numbers = [round(start + i * step, 10) for i in range(count)]
     integral = all(float(x).is_integer() for x in parts)
     return [str(int(n)) if integral else repr(n) for n in numbers]
@@ -79,6 +106,12 @@ def parse_grid(items: Sequence[str]) -> dict[str, dict[str, list[str]]]:
             raise BenchError(f"--param {item!r}: write METHOD.PARAM=v1,v2,... or METHOD.PARAM=start:stop:step")
         registry.get_method(owner)
         grid.setdefault(owner, {})[name] = parse_grid_values(values)
+    for method, params in grid.items():
+        points = math.prod(len(values) for values in params.values())
+        if points > MAX_GRID_POINTS:
+            raise BenchError(f"--param: the grid of {method} has {points:,} points ("
+                             + " x ".join(f"{len(v):,} {name}" for name, v in params.items())
+                             + f"), more than {MAX_GRID_POINTS:,}; use fewer values or coarser steps")
     return grid
 
 
@@ -155,7 +188,37 @@ def list_suites(cache_dir: Path) -> str:
 def cache_dir_of(args: argparse.Namespace) -> Path:
     from bench.runner import default_cache_dir
 
-    return Path(args.cache) if getattr(args, "cache", None) else default_cache_dir()
+    cache_dir = Path(args.cache) if getattr(args, "cache", None) else default_cache_dir()
+    check_cache_dir(cache_dir)
+    return cache_dir
+
+
+def check_cache_dir(cache_dir: Path) -> None:
+    """One line when the suite cache cannot be a directory (a file is in the way); read-only caches are fine."""
+    from bench.disk import require_directory
+
+    require_directory(cache_dir, "--cache", writable=False, hint=" (or BENCH_CACHE)")
+
+
+def check_output_dirs(args: argparse.Namespace, config: Any) -> None:
+    """Before anything is loaded or computed: --results (and --out, unless no tables are written) must be
+    directories this user can write in, and --cache no file."""
+    from bench.disk import require_directory
+
+    require_directory(config.results_dir, "--results")
+    if not args.no_report:
+        require_directory(args.out, "--out")
+    check_cache_dir(config.cache_dir)
+
+
+def write_tables(records: Any, out: Path, suite: str | None = None) -> dict[str, str]:
+    """:func:`bench.report.write_reports`, a file system error as one line."""
+    from bench.report import write_reports
+
+    try:
+        return write_reports(records, out, suite=suite)
+    except OSError as exc:
+        raise BenchError(f"cannot write tables to --out {out}: {exc.strerror or exc}; pick another --out") from None
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -232,6 +295,12 @@ def run_config(args: argparse.Namespace, methods: list[str]) -> Any:
         if "trust_pickles" not in {info.name for info in registry.param_infos(suite.params)}:
             raise BenchError(f"--trust-pickles: suite '{suite.name}' never loads pickled checkpoints; drop the flag")
         suite_overrides["trust_pickles"] = "true"
+    if args.trust_task_code:
+        suite = registry.get_suite(args.suite)
+        if "trust_task_code" not in {info.name for info in registry.param_infos(suite.params)}:
+            raise BenchError(f"--trust-task-code: suite '{suite.name}' never loads lm-eval task YAMLs that could run "
+                             f"code; drop the flag")
+        suite_overrides["trust_task_code"] = "true"
     return RunConfig(
         suite=args.suite,
         methods=methods,
@@ -247,13 +316,13 @@ def run_config(args: argparse.Namespace, methods: list[str]) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from bench.report import write_reports
     from bench.runner import execute
     from bench.store import ResultsStore
 
     config = run_config(args, [m.strip() for m in args.methods.split(",") if m.strip()])
     if not config.methods:
         raise BenchError("--methods is empty; write --methods all or a comma list, e.g. --methods ties,task_arithmetic")
+    check_output_dirs(args, config)
     if use_workers(args, config):
         suite_key, _ = run_in_seed_shards(args, config)
     else:
@@ -267,7 +336,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     records = [r for r in ResultsStore(config.results_dir).records()
                if r["suite"] == suite_key["suite"] and r["suite_params"] == suite_key["suite_params"]]
-    texts = write_reports(records, Path(args.out))
+    texts = write_tables(records, Path(args.out))
     for text in texts.values():
         print(text)
     return 0
@@ -288,8 +357,8 @@ def run_in_seed_shards(args: argparse.Namespace, config: Any, grid: Any = None) 
     process writes the tables when all have finished. Returns the suite key and the planned configuration hashes.
     """
     import dataclasses
-    import subprocess
 
+    from bench.lifeline import Worker
     from bench.measure import PhaseTimer, resolve_device
     from bench.runner import load_problem, plan_jobs
     from bench.store import config_hash
@@ -301,8 +370,15 @@ def run_in_seed_shards(args: argparse.Namespace, config: Any, grid: Any = None) 
     groups = [config.seeds[i::args.jobs] for i in range(min(args.jobs, len(config.seeds)))]
     print(f"running seeds in {len(groups)} worker processes: "
           + "; ".join(",".join(map(str, g)) for g in groups), file=sys.stderr)
-    workers = [subprocess.Popen([sys.executable, "-m", "bench", *worker_argv(args, group)]) for group in groups]
-    codes = [worker.wait() for worker in workers]
+    # Tied to this process: they end with it even when it is killed outright (bench.lifeline).
+    workers: list[Worker] = []
+    try:
+        for group in groups:
+            workers.append(Worker(worker_argv(args, group)))
+        codes = [worker.wait() for worker in workers]
+    finally:
+        for worker in workers:
+            worker.stop()  # a no-op for those that finished; ends the others when this one is interrupted
     failed = [code for code in codes if code != 0]
     if failed:
         raise BenchError(f"{len(failed)} of {len(workers)} worker(s) failed (see above); every finished run is "
@@ -323,6 +399,7 @@ def worker_argv(args: argparse.Namespace, seeds: Sequence[int]) -> list[str]:
     argv += ["--cache", args.cache] if args.cache else []
     argv += ["--resume"] if args.resume else []
     argv += ["--trust-pickles"] if args.trust_pickles else []
+    argv += ["--trust-task-code"] if args.trust_task_code else []
     return argv
 
 
@@ -336,6 +413,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise BenchError("bench sweep needs at least one --param METHOD.PARAM=v1,v2,... (or start:stop:step)")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(grid)
     config = run_config(args, methods)
+    check_output_dirs(args, config)
     suite_overrides = config.suite_overrides
     if use_workers(args, config):
         _, planned_hashes = run_in_seed_shards(args, config, grid_points(grid))
@@ -352,22 +430,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     suite_label = config.suite + "".join(f" {k}={v}" for k, v in sorted(suite_overrides.items()))
     text = sweep_markdown(sweep_table(records, swept), f"sweep on {suite_label}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     name = "sweep_" + "_".join(f"{m}.{p}" for m, params in grid.items() for p in params)
-    (out / f"{name}.md").write_text(text)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.md").write_text(text)
+    except OSError as exc:
+        raise BenchError(f"cannot write the sweep table to --out {out}: {exc.strerror or exc}; "
+                         "pick another --out") from None
     print(text)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from bench.report import write_reports
+    from bench.disk import require_directory
     from bench.store import ResultsStore
 
     store = ResultsStore(args.results)
     if not store.root.is_dir():
         raise BenchError(f"no results directory '{args.results}'; run `bench run` first or pass --results DIR")
+    require_directory(args.out, "--out")
     records = list(store.records())
-    texts = write_reports(records, Path(args.out), suite=args.suite)
+    texts = write_tables(records, Path(args.out), suite=args.suite)
     if not texts:
         where = f" for suite '{args.suite}'" if args.suite else ""
         raise BenchError(f"no records{where} in '{args.results}'; run `bench run --suite ...` first")
@@ -377,7 +460,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not args.no_figures:
         from bench.figures import write_figures
 
-        figures = write_figures(records, Path(args.out), suite=args.suite)
+        try:
+            figures = write_figures(records, Path(args.out), suite=args.suite)
+        except OSError as exc:
+            raise BenchError(f"cannot write figures to --out {args.out}: {exc.strerror or exc}; "
+                             "pick another --out") from None
         for note in figures.skipped:
             print(f"note: {note}", file=sys.stderr)
         print(f"{len(figures.written)} figure file(s) (PNG, PDF) written to {args.out}/<suite>/", file=sys.stderr)
@@ -423,12 +510,43 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from bench.check import check, format_check, load_baseline, load_results, select_suite
+    from bench.check import (
+        check,
+        check_method_names,
+        format_check,
+        load_baseline,
+        load_failed,
+        load_results,
+        select_methods,
+        select_seeds,
+        select_suite,
+        unreadable_of,
+    )
 
-    baseline = select_suite(load_baseline(args.baseline), args.suite, args.baseline)
-    current = select_suite(load_results(args.results), args.suite, args.results)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None else None
+    if methods is not None and not methods:
+        raise BenchError("--methods is empty; leave it out to check every baseline method, or write e.g. "
+                         "--methods ties,task_arithmetic")
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+    unreadable_baseline: list[Path] = []
+    unreadable_results: list[Path] = []
+    baseline = select_suite(load_baseline(args.baseline, unreadable_baseline), args.suite, args.baseline)
+    current = select_suite(load_results(args.results, unreadable_results), args.suite, args.results)
+    if methods is not None:
+        check_method_names(methods, baseline, current)
+    baseline = select_seeds(select_methods(baseline, methods), seeds)
+    current = select_seeds(select_methods(current, methods), seeds)
+    failed = {key: {seed: reason for seed, reason in by_seed.items() if seeds is None or seed in seeds}
+              for key, by_seed in select_methods(load_failed(args.results, args.suite), methods).items()}
+    unreadable = [*unreadable_of(unreadable_results, args.results, args.suite, methods),
+                  *unreadable_of(unreadable_baseline, args.baseline, args.suite, methods)]
+    if not baseline:
+        raise BenchError(f"the baseline '{args.baseline}' holds no runs of the selected --methods/--seeds")
+    if not current and not any(failed.values()):
+        raise BenchError(f"'{args.results}' holds no runs of the selected --methods/--seeds; run them first")
     result = check(current, baseline, tolerance=args.tolerance, task_tolerance=args.task_tolerance,
-                   results_name=str(args.results), baseline_name=str(args.baseline))
+                   results_name=str(args.results), baseline_name=str(args.baseline),
+                   failed={key: by_seed for key, by_seed in failed.items() if by_seed}, unreadable=unreadable)
     print(format_check(result, str(args.baseline)), end="")
     return 0 if result.passed else 1
 
@@ -451,12 +569,17 @@ def _add_execution_args(parser: argparse.ArgumentParser, out_help: str) -> None:
     parser.add_argument("--trust-pickles", action="store_true",
                         help="allow loading checkpoints stored as Python pickles (the task_vectors experts); "
                              "unpickling can run arbitrary code, so only for files you trust")
+    parser.add_argument("--trust-task-code", action="store_true",
+                        help="allow lm-eval task YAMLs (of a suite file, or suite.lm_eval_include) with !function "
+                             "tags, which make lm-eval import and run Python code from beside the YAML; only for "
+                             "files you trust")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench", description="Benchmark model-merging methods on suites.")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                         help="import MODULE to register extra methods or suites (also BENCH_PLUGINS=a,b)")
+    parser.add_argument("--parent-pipe", type=int, default=None, help=argparse.SUPPRESS)  # --jobs workers
     sub = parser.add_subparsers(dest="command", required=True)
 
     p_list = sub.add_parser("list", help="list registered methods or suites with their hyperparameters")
@@ -528,19 +651,33 @@ def build_parser() -> argparse.ArgumentParser:
                          help="allowed drop of a method's average, in points (default: 1.0)")
     p_check.add_argument("--task-tolerance", type=float, default=None,
                          help="allowed drop of a single task, in points (default: 3 x --tolerance)")
+    p_check.add_argument("--methods", default=None,
+                         help="check only these methods (comma list of names or labels, e.g. ties,'ties(k=10)'); "
+                              "by default every baseline method must be in the results")
+    p_check.add_argument("--seeds", default=None,
+                         help="check only these seeds, e.g. 0 (default: every baseline seed must be in the results)")
     p_check.set_defaults(func=cmd_check)
     return parser
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line whatever input text it quotes (line breaks shown as ``\\n``)."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS; must precede CUDA init
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.parent_pipe is not None:  # a --jobs worker: end with the parent that started it
+        from bench.lifeline import exit_with_parent
+
+        exit_with_parent(args.parent_pipe)
     try:
         load_plugins(args.plugin)
         return int(args.func(args) or 0)
     except BenchError as exc:
-        print(f"bench: error: {exc}", file=sys.stderr)
+        print(f"bench: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bench: interrupted; every finished run is recorded, rerun with --resume to continue", file=sys.stderr)

@@ -3,6 +3,7 @@ the cache's disk before anything is downloaded), and what ``bench doctor`` finds
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -89,6 +90,33 @@ def existing_ancestor(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
+
+
+def file_in_the_way(path: Path | str) -> Path | None:
+    """What keeps ``path`` from being, or becoming, a directory: ``path`` itself or its nearest existing parent when
+    that is a file (or anything else but a directory); None when ``path`` is a directory or can be made one."""
+    probe = Path(path)
+    while True:
+        if os.path.lexists(probe):
+            return None if os.path.isdir(probe) else probe
+        if probe == probe.parent:
+            return None
+        probe = probe.parent
+
+
+def require_directory(path: Path | str, flag: str, *, writable: bool = True, hint: str = "") -> None:
+    """One line (BenchError) naming ``flag`` when ``path`` cannot serve as a directory: a file is in the way, or
+    (``writable``) its nearest existing folder does not let this user write. Nothing is created."""
+    blocker = file_in_the_way(path)
+    if blocker is not None:
+        problem = ("is a file, not a directory" if blocker == Path(path)
+                   else f"cannot be a directory: {blocker} is a file")
+        raise BenchError(f"{flag} {path} {problem}; remove it or pick another {flag}{hint}")
+    if writable:
+        folder = existing_ancestor(Path(path))
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise BenchError(f"{flag} {path} is not writable (this user cannot write in {folder}); "
+                             f"pick another {flag}{hint}")
 
 
 def doctor_lines(artefacts: Sequence[ArtefactSize]) -> list[str]:

@@ -25,6 +25,7 @@ from matplotlib.text import Annotation, Text
 from matplotlib.transforms import Bbox, blended_transform_factory
 
 from bench import report
+from bench.store import is_failed
 
 OKABE_ITO = {
     "orange": "#E69F00", "sky_blue": "#56B4E9", "bluish_green": "#009E73", "yellow": "#F0E442",
@@ -754,6 +755,9 @@ def write_figures(records: Iterable[report.Record], out_dir: Path, suite: str | 
     outputs = FigureOutputs()
     for suite_label, group in report.suite_groups(records).items():
         if not report.matches_suite(suite_label, suite):
+            continue
+        if all(is_failed(record) for record in group):
+            outputs.skipped.append(f"{suite_label}: every figure skipped: no scored runs ({len(group)} failed)")
             continue
         folder = out_dir / report.suite_slug(suite_label)
         for name, figure in suite_figures(group, suite_label).items():

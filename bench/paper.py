@@ -288,6 +288,11 @@ def build_paper(spec: PaperSpec, records: Sequence[report.Record], out_dir: Path
         if suite not in groups:
             recorded = ", ".join(groups) or "none"
             raise BenchError(f"{spec.source}: no records of suite '{suite}' in the store (recorded: {recorded})")
+        failed = report.failed_lines(groups[suite])  # failed runs have no scores: left out, with a note each
+        if len(failed) == len(groups[suite]):
+            raise BenchError(f"{spec.source}: every record of suite '{suite}' is a failed run, first: "
+                             f"{failed[0].removeprefix('failed: ')}")
+        outputs.skipped += [f"{suite}: {line} (left out)" for line in failed]
         _suite_outputs(spec, suite, groups[suite], out_dir, figures, outputs)
     return outputs
 

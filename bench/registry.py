@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import pkgutil
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -50,10 +51,14 @@ def param(
     choices: tuple[Any, ...] | None = None,
     low: float | None = None,
     high: float | None = None,
+    finite: bool = True,
 ) -> Any:
-    """A hyperparameter field: default, one-line help, optional choices or closed bounds."""
+    """A hyperparameter field: default, one-line help, optional choices or closed bounds.
+
+    A float must be finite (``nan``, ``inf`` and ``-inf`` are refused) unless ``finite=False``.
+    """
     return dataclasses.field(
-        default=default, metadata={"help": help, "choices": choices, "low": low, "high": high}
+        default=default, metadata={"help": help, "choices": choices, "low": low, "high": high, "finite": finite}
     )
 
 
@@ -66,6 +71,7 @@ class ParamInfo:
     choices: tuple[Any, ...] | None
     low: float | None
     high: float | None
+    finite: bool = True  # a float value must be finite
 
     def describe(self) -> str:
         text = f"{self.name}={format_value(self.default)}"
@@ -94,6 +100,7 @@ def param_infos(params_cls: type) -> list[ParamInfo]:
                 choices=meta.get("choices"),
                 low=meta.get("low"),
                 high=meta.get("high"),
+                finite=meta.get("finite", True),
             )
         )
     return infos
@@ -123,6 +130,9 @@ def parse_value(owner: str, info: ParamInfo, raw: Any) -> Any:
         raise BenchError(
             f"{where}={raw!r} is not a valid {info.type.__name__}; default is {format_value(info.default)}"
         ) from None
+    if info.finite and isinstance(value, float) and not math.isfinite(value):
+        raise BenchError(f"{where}={format_value(value)} is not a finite number; default is "
+                         f"{format_value(info.default)}")
     if info.choices is not None and value not in info.choices:
         options = "|".join(str(c) for c in info.choices)
         raise BenchError(f"{where}={format_value(value)} is not one of {options}")

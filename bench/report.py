@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from bench.store import is_failed
+
 Record = dict[str, Any]
 
 REFERENCE_FAMILY = "reference"
@@ -63,9 +65,12 @@ def device_label(environment: dict[str, Any]) -> str:
 
 def records_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """One row per record: task accuracies as ``task:<name>`` columns and normalized ones as ``norm:<name>``
-    (fractions), seconds per phase as ``time:<phase>``, peak memory (``memory_bytes``, ``memory_kind``), device."""
+    (fractions), seconds per phase as ``time:<phase>``, peak memory (``memory_bytes``, ``memory_kind``), device.
+    Failed records (no scores) are left out: see :func:`failed_lines`."""
     rows = []
     for record in records:
+        if is_failed(record):
+            continue
         row = {
             "suite": variant_label(record["suite"], record.get("suite_variant", {})),
             "method": variant_label(record["method"], record.get("variant", {})),
@@ -654,11 +659,23 @@ def ablated_methods(records: Sequence[Record], param: str) -> list[str]:
     return sorted(m for m, v in values.items() if len(v) >= 2)
 
 
+def failed_lines(records: Iterable[Record]) -> list[str]:
+    """``failed: <method> seed <s>: <reason>`` for every failed record (they have no scores and are never
+    averaged), sorted."""
+    return sorted(f"failed: {variant_label(r['method'], r.get('variant') or {})} seed {r['seed']}: "
+                  f"{r.get('reason') or 'no reason recorded'}" for r in records if is_failed(r))
+
+
+def _with_failed(text: str, failed: list[str]) -> str:
+    return text + "".join(f"{line}\n" for line in failed)
+
+
 def write_reports(records: Iterable[dict[str, Any]], out_dir: Path, suite: str | None = None) -> dict[str, str]:
     """Write every table per suite configuration; return the terminal leaderboard per suite.
 
     ``leaderboard_<suite>.{md,csv,tex}``, ``cost_<suite>.{md,csv,tex}``, ``sensitivity_<suite>_<param>.{md,csv,tex}``
     per swept hyperparameter and ``ablation_<suite>_<method>_<param>.{md,csv,tex}`` (see ``ABLATION_PARAMS``).
+    Failed runs are listed under the leaderboard (terminal and Markdown), one ``failed: ...`` line each.
     """
     texts: dict[str, str] = {}
     for suite_label, group in suite_groups(records).items():
@@ -666,12 +683,19 @@ def write_reports(records: Iterable[dict[str, Any]], out_dir: Path, suite: str |
             continue
         out_dir.mkdir(parents=True, exist_ok=True)
         slug = suite_slug(suite_label)
+        failed = failed_lines(group)
+        if all(is_failed(r) for r in group):  # nothing to tabulate
+            protocols = ", ".join(sorted({str(r.get("protocol", "")) for r in group}))
+            text = _with_failed(f"{suite_label} — protocol: {protocols}\n(no scored runs)\n", failed)
+            (out_dir / f"leaderboard_{slug}.md").write_text(f"### {text}")
+            texts[suite_label] = text
+            continue
         swept = swept_params(group)
         part = records_frame(leaderboard_records(group, swept)).dropna(axis=1, how="all")
         board = leaderboard(part)
         title = suite_title(part, suite_label)
         protocol, seeds = suite_protocol(part), suite_seeds(part)
-        (out_dir / f"leaderboard_{slug}.md").write_text(to_markdown(board, title))
+        (out_dir / f"leaderboard_{slug}.md").write_text(_with_failed(to_markdown(board, title), failed))
         (out_dir / f"leaderboard_{slug}.csv").write_text(to_csv(board))
         (out_dir / f"leaderboard_{slug}.tex").write_text(to_latex(
             paper_order(board), suite_label=suite_label, protocol=protocol, seeds=seeds,
@@ -700,7 +724,7 @@ def write_reports(records: Iterable[dict[str, Any]], out_dir: Path, suite: str |
                                   caption=ablation_caption(method, param, across, suite_label, protocol,
                                                            suite_seeds(records_frame(group))),
                                   label=latex_label("tab:ablation", slug, method, param))
-        texts[suite_label] = to_text(board, title)
+        texts[suite_label] = _with_failed(to_text(board, title), failed)
     return texts
 
 
@@ -728,6 +752,7 @@ def sweep_table(records: Iterable[dict[str, Any]], swept: dict[str, list[str]]) 
     ``label`` is ``method (param)``, ``setting`` the value (or ``a=1,b=2`` when several were swept together).
     """
     rows: dict[tuple[str, Any], list[float]] = {}
+    failed: dict[tuple[str, Any], int] = {}  # failed runs per point: never averaged, shown as "failed"
     for record in records:
         names = swept.get(record["method"])
         if not names:
@@ -737,12 +762,27 @@ def sweep_table(records: Iterable[dict[str, Any]], swept: dict[str, list[str]]) 
         else:
             label = f"{record['method']} ({', '.join(names)})"
             setting = ",".join(f"{n}={_short(record['params'][n])}" for n in names)
-        rows.setdefault((label, setting), []).append(record["average"])
+        values = rows.setdefault((label, setting), [])
+        if is_failed(record):
+            failed[label, setting] = failed.get((label, setting), 0) + 1
+        else:
+            values.append(record["average"])
     return pd.DataFrame(
-        [{"label": label, "setting": setting, "mean": float(np.mean(v)),
-          "std": float(np.std(v, ddof=1)) if len(v) > 1 else np.nan, "seeds": len(v)}
+        [{"label": label, "setting": setting, "mean": float(np.mean(v)) if v else np.nan,
+          "std": float(np.std(v, ddof=1)) if len(v) > 1 else np.nan, "seeds": len(v),
+          "failed": failed.get((label, setting), 0)}
          for (label, setting), v in rows.items()]
     )
+
+
+def _sweep_cell(row: Any) -> str:
+    """mean ± std; ``failed`` for a point whose every run failed, ``(n failed)`` after one where some did."""
+    failed = int(getattr(row, "failed", 0) or 0)
+    if not failed:
+        return format_cell(row.mean, row.std)
+    if not row.seeds:
+        return "failed"
+    return f"{format_cell(row.mean, row.std)} ({failed} failed)"
 
 
 def _setting_order(settings: Iterable[Any]) -> list[Any]:
@@ -760,8 +800,8 @@ def sweep_markdown(table: pd.DataFrame, title: str) -> str:
     lines = [f"### {title}", "", "| method (swept) | " + " | ".join(_short(s) for s in settings) + " |",
              "|" + "|".join(["---"] * (len(settings) + 1)) + "|"]
     for label, part in table.groupby("label", sort=True):
-        cells = {row.setting: format_cell(row.mean, row.std) for row in part.itertuples()}
+        cells = {row.setting: _sweep_cell(row) for row in part.itertuples()}
         lines.append(f"| {label} | " + " | ".join(cells.get(s, "–") for s in settings) + " |")
-    seeds = sorted(set(table["seeds"]))
+    seeds = sorted(set(table["seeds"]) - {0}) or [0]  # 0: points whose every run failed
     lines += ["", f"Average accuracy in %, mean ± std over {'/'.join(map(str, seeds))} seed(s)."]
     return "\n".join(lines) + "\n"

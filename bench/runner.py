@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import math
 import os
 import random
 import sys
@@ -21,10 +22,12 @@ import torch
 from tqdm.auto import tqdm
 
 from bench import registry
+from bench.disk import require_directory
 from bench.errors import BenchError, MethodNotApplicable, missing_artifact_error
 from bench.measure import PeakMemory, PhaseTimer, environment, resolve_device, torch_threads
+from bench.model_pool import describe_nonfinite, nonfinite_keys
 from bench.problem import MergeContext, MergeProblem, PerTaskWeights, StateDict
-from bench.store import ResultsStore, config_hash, pack_correct
+from bench.store import FAILED, ResultsStore, config_hash, finite_or_none, is_failed, pack_correct
 
 REFERENCE_FOR_NORMALIZATION = "individual"
 
@@ -62,6 +65,7 @@ class RunSummary:
     not_applicable: list[tuple[str, str]] = field(default_factory=list)
     suite_key: dict[str, Any] = field(default_factory=dict)
     planned: list[str] = field(default_factory=list)  # config hashes of every job of this execution
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (method label, reason) of runs recorded as failed
 
 
 def resolve_method_names(names: Sequence[str]) -> list[str]:
@@ -79,19 +83,49 @@ def resolve_method_names(names: Sequence[str]) -> list[str]:
 def record_key(suite: str, suite_params: Any, method: registry.MethodSpec, params: Any, seed: int) -> dict:
     return {
         "suite": suite,
-        "suite_params": dataclasses.asdict(suite_params),
+        "suite_params": _recordable(dataclasses.asdict(suite_params)),
         "method": method.name,
-        "params": dataclasses.asdict(params),
+        "params": _recordable(dataclasses.asdict(params)),
         "seed": seed,
     }
+
+
+def _recordable(values: dict[str, Any]) -> dict[str, Any]:
+    """Parameters as records hold them (strict JSON): a non-finite float, which only a parameter declared with
+    ``finite=False`` can take, as its text (``inf``)."""
+    return {name: registry.format_value(value) if isinstance(value, float) and not math.isfinite(value) else value
+            for name, value in values.items()}
 
 
 Grid = Mapping[str, Sequence[Mapping[str, Any]]]  # method -> list of hyperparameter overrides (a sweep)
 
 
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding takes [0, 2**32); torch takes these too
+
+
+def seed_problem(seed: Any) -> str | None:
+    """Why ``seed`` cannot seed a run (None when it can); ``seed_problem(None)`` is the out-of-range phrase."""
+    if seed is not None and isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED:
+        return None
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        return f"is a {type(seed).__name__}, not an integer seed"
+    return f"is outside [0, {MAX_SEED}], the seeds torch and numpy accept; write e.g. --seeds 0,1,2"
+
+
+def _shown(value: Any, width: int = 40) -> str:
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more digits than Python prints
+        return "(a number too large to print)"
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def plan_jobs(config: RunConfig, suite_params: Any, grid: Grid | None = None) -> list[Job]:
     """Every (method, hyperparameters, seed) to run; ``grid`` gives a method several points (sweeps)."""
     grid = grid or {}
+    for seed in config.seeds:
+        if problem := seed_problem(seed):
+            raise BenchError(f"seed {_shown(seed)} {problem}")
     names = resolve_method_names(config.methods)
     for name in [*config.method_overrides, *grid]:
         if name not in names:
@@ -147,16 +181,82 @@ def to_device(weights: StateDict, device: torch.device) -> StateDict:
     return {k: v.to(device) for k, v in weights.items()}
 
 
+class NonFiniteWeights(Exception):
+    """Weights to be evaluated hold NaN or ±inf in ``keys`` (``task``: whose weights, for per-task results)."""
+
+    def __init__(self, weights: StateDict, keys: list[str], task: str | None = None) -> None:
+        super().__init__(f"non-finite weights in {keys[0]!r}")
+        self.weights, self.keys, self.task = weights, keys, task
+
+
+def require_finite(weights: StateDict, task: str | None = None) -> None:
+    """Raise :class:`NonFiniteWeights` when a tensor of ``weights`` is not finite (one sum per tensor, on the
+    device the weights are on: see :func:`bench.model_pool.all_finite`)."""
+    keys = nonfinite_keys(weights)
+    if keys:
+        raise NonFiniteWeights(weights, keys, task)
+
+
 def evaluate(
     problem: MergeProblem, merged: StateDict | PerTaskWeights, device: torch.device, progress: bool = False
 ) -> dict:
-    """Score the merged weights on every task's test split."""
+    """Score the merged weights on every task's test split; weights holding NaN or ±inf are never scored
+    (:class:`NonFiniteWeights` before the first evaluation of them)."""
     per_task = {}
     shared = None if isinstance(merged, PerTaskWeights) else to_device(merged, device)
+    if shared is not None:
+        require_finite(shared)
     for task in tqdm(problem.tasks, desc="evaluating", leave=False, disable=not progress, file=sys.stderr):
         weights = to_device(merged[task], device) if shared is None else shared
+        if shared is None:
+            require_finite(weights, task)
         per_task[task] = problem.evaluate(weights, task, device)
     return per_task
+
+
+def nonfinite_reason(problem: MergeProblem, failure: NonFiniteWeights) -> str:
+    """Why weights are not finite, as a failed record's reason; a BenchError (one line naming the expert and the
+    tensor) when the base or an expert itself holds NaN or ±inf there. Only the affected keys of the inputs are
+    read, one tensor at a time."""
+    culprit = problem.model_pool().find_nonfinite(failure.keys)
+    if culprit is not None:
+        raise nonfinite_input_error(culprit)
+    first = failure.keys[0]
+    where = f" for task '{failure.task}'" if failure.task else ""
+    affected = f" ({len(failure.keys)} of {len(failure.weights)} tensors)" if len(failure.keys) > 1 else ""
+    return (f"merged weights{where} not finite: tensor '{first}' holds {describe_nonfinite(failure.weights[first])}"
+            f"{affected}; the base and experts are finite there, so the merge overflowed or diverged")
+
+
+def nonfinite_input_error(culprit: str) -> BenchError:
+    return BenchError(f"{culprit}; every result from it would be meaningless: fix or replace that checkpoint")
+
+
+def merge_checked(method: registry.MethodSpec, ctx: MergeContext, params: Any) -> StateDict | PerTaskWeights:
+    """``method.fn(ctx, params)``; when it crashes (an SVD or a sampler that meets NaN raises before any output
+    exists), the base and experts are scanned, tensor by tensor, and a NaN or ±inf among them is reported as the
+    cause (one line naming the expert and the tensor) instead of the crash. Nothing is scanned on success."""
+    try:
+        return method.fn(ctx, params)
+    except (BenchError, MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception:
+        pool = ctx.problem.model_pool()
+        culprit = pool.find_nonfinite(list(pool.base))
+        if culprit is not None:
+            raise nonfinite_input_error(culprit) from None
+        raise
+
+
+def finite_notes(value: Any) -> Any:
+    """A method's notes with every non-finite float as None (null): diagnostics of a diverged run may hold NaN."""
+    if isinstance(value, float):
+        return finite_or_none(value)
+    if isinstance(value, dict):
+        return {key: finite_notes(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_notes(item) for item in value]
+    return value
 
 
 def build_record(
@@ -173,7 +273,7 @@ def build_record(
     for task, m in metrics.items():
         entry = {
             "accuracy": m.accuracy,
-            "loss": m.loss,
+            "loss": finite_or_none(m.loss),  # null where a task has no loss (NaN), e.g. a generation task
             "num_examples": m.num_examples,
             "correct": pack_correct(m.correct),
         }
@@ -182,6 +282,24 @@ def build_record(
         tasks[task] = entry
     accuracies = [m.accuracy for m in metrics.values()]
     normalized = [t["normalized_accuracy"] for t in tasks.values() if t.get("normalized_accuracy") is not None]
+    return {
+        **_record_head(job, problem),
+        "tasks": tasks,
+        "average": float(np.mean(accuracies)),
+        "normalized_average": float(np.mean(normalized)) if len(normalized) == len(tasks) else None,
+        **_record_tail(timer, memory, env, problem, notes),
+    }
+
+
+def build_failed_record(job: Job, problem: MergeProblem, reason: str, timer: PhaseTimer, memory: dict, env: dict,
+                        notes: dict) -> dict[str, Any]:
+    """The record of a run that produced no scores: ``"status": "failed"`` and its ``"reason"``, no ``tasks`` and
+    no averages (reports list it as failed and never average it; ``--resume`` counts it as recorded)."""
+    return {**_record_head(job, problem), "status": FAILED, "reason": reason,
+            **_record_tail(timer, memory, env, problem, notes)}
+
+
+def _record_head(job: Job, problem: MergeProblem) -> dict[str, Any]:
     return {
         "schema": 1,
         "config_hash": config_hash(job.key),
@@ -192,14 +310,16 @@ def build_record(
         "family": job.method.family,
         "data_access": job.method.data,
         "samples_per_task": job.method.samples_per_task(job.params),
-        "tasks": tasks,
-        "average": float(np.mean(accuracies)),
-        "normalized_average": float(np.mean(normalized)) if len(normalized) == len(tasks) else None,
+    }
+
+
+def _record_tail(timer: PhaseTimer, memory: dict, env: dict, problem: MergeProblem, notes: dict) -> dict[str, Any]:
+    return {
         "timings": dict(timer.seconds),
         "peak_memory": memory,
         "environment": env,
         "problem": problem.describe(),
-        "notes": notes,
+        "notes": finite_notes(notes),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -229,13 +349,20 @@ def run_job(
         shared={} if shared is None else shared,
     )
     threads = problem.cpu_threads if device.type == "cpu" else None
+    failure = None
     with torch_threads(threads):
         with timer.phase("merge"):
-            merged = job.method.fn(ctx, job.params)
+            merged = merge_checked(job.method, ctx, job.params)
         timer.seconds["merge"] -= timer.seconds["adapt"]  # adapt is timed inside the method call
         with timer.phase("eval"):
-            metrics = evaluate(problem, merged, device, progress)
+            try:
+                metrics = evaluate(problem, merged, device, progress)
+            except NonFiniteWeights as bad:
+                failure = bad
         env = {**env, "torch_threads": torch.get_num_threads()}
+    if failure is not None:
+        reason = nonfinite_reason(problem, failure)  # raises when an input itself is not finite
+        return build_failed_record(job, problem, reason, timer, memory.read(), env, ctx.notes)
     record = build_record(job, problem, metrics, reference, timer, memory.read(), env, ctx.notes)
     if "samples_per_task" in ctx.notes:  # what the method actually drew (a split may hold fewer than asked)
         record["samples_per_task"] = ctx.notes["samples_per_task"]
@@ -255,9 +382,13 @@ def reference_accuracies(
     record = store.get(key)
     computed = None
     if record is None:
-        record = computed = _normalize_reference(run_job(Job(spec, params, seed, key), problem, device, load_seconds,
-                                                         None, env))
+        record = computed = run_job(Job(spec, params, seed, key), problem, device, load_seconds, None, env)
+        if not is_failed(record):
+            record = computed = _normalize_reference(record)
         store.put(record)
+    if is_failed(record):
+        raise BenchError(f"the {spec.name} reference row of seed {seed} failed ({record['reason']}); no method can "
+                         f"be normalized against it: delete {store.path_for(key)} once its cause is fixed")
     return {task: entry["accuracy"] for task, entry in record["tasks"].items()}, computed
 
 
@@ -299,18 +430,29 @@ def execute(
     if not config.seeds:
         raise BenchError("--seeds is empty; give at least one seed, e.g. --seeds 0")
     store = ResultsStore(config.results_dir)
+    store.remove_stale()  # temporaries of killed runs (never those of a live one, e.g. another --jobs worker)
     summary = RunSummary(suite_key={"suite": suite_spec.name, "suite_params": dataclasses.asdict(suite_params)},
                          planned=[config_hash(job.key) for job in jobs])
     if config.resume:
-        pending = [job for job in jobs if not store.has(job.key)]
+        pending, failed = [], []
+        for job in jobs:
+            record = store.get(job.key)
+            if record is None:
+                pending.append(job)
+            elif is_failed(record):
+                failed.append(store.path_for(job.key))
         summary.skipped_recorded = len(jobs) - len(pending)
         if summary.skipped_recorded:
             log(f"resume: {summary.skipped_recorded} of {len(jobs)} configurations already recorded, skipping them")
+        if failed:
+            log(f"resume: {len(failed)} of them failed and are not rerun (the same configuration fails the same "
+                f"way); delete a failed record to rerun it, e.g. {failed[0]}")
     else:
         pending = jobs
     pending = drop_inapplicable(pending, suite_spec, suite_params, summary, log)
     if not pending:
         return summary
+    require_directory(config.results_dir, "--results")  # before the suite loads, not at the first record
 
     load_timer = PhaseTimer(device)
     problem = load_problem(config, suite_params, load_timer)
@@ -342,9 +484,17 @@ def execute(
             summary.not_applicable.append((job.method.name, str(reason)))
             log(f"skipped {job.method.name}: {reason}")
             continue
-        if reference is None:
-            record = _normalize_reference(record)
-        store.put(record)
+        if is_failed(record):
+            path = store.put(record)
+            inner = ",".join(f"{k}={registry.format_value(v)}" for k, v in sorted(record["variant"].items()))
+            label = f"{job.method.name}({inner})" if inner else job.method.name
+            summary.failed.append((label, record["reason"]))
+            log(f"failed: {label} seed {job.seed}: {record['reason']}; recorded as failed in {path} "
+                "(--resume will not rerun it; delete that file to rerun it)")
+        else:
+            if reference is None:
+                record = _normalize_reference(record)
+            store.put(record)
         written.add(record["config_hash"])
         summary.computed.append(record)
     return summary

@@ -39,9 +39,11 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from bench.disk import file_in_the_way
 from bench.errors import BenchError, unknown_name_error
 from bench.measure import torch_threads
 from bench.problem import MergeProblem, StateDict, TaskMetrics
+from bench.temporaries import owner_tag, remove_stale
 
 PROTOCOLS = ("transductive", "inductive")
 SPLITS = ("train", "unlabeled", "validation", "test")
@@ -480,7 +482,7 @@ def write_artifacts(
     theirs is kept; an invalid one in the way is replaced.
     """
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-{owner_tag()}.", dir=directory.parent))
     try:
         checksums = {}
         for file_name, tensors in files.items():
@@ -532,17 +534,31 @@ def read_artifacts(
             raise CorruptArtifacts(f"{path} fails its sha256 checksum")
         if load:
             try:
-                files[file_name] = load_safetensors_bytes(data)
+                files[file_name] = sorted_tensors(load_safetensors_bytes(data))
             except Exception as exc:  # a file that matches its checksum but does not parse: still a bad cache
                 raise CorruptArtifacts(f"{path} does not parse ({type(exc).__name__})") from None
     return files, manifest
+
+
+def sorted_tensors(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``tensors`` in the order of their names: safetensors hands a file's tensors over in an order that changes
+    from process to process, and nothing downstream may depend on it (reruns must be bit-identical)."""
+    return dict(sorted(tensors.items()))
+
+
+def remove_stale_temporaries(parent: Path) -> list[Path]:
+    """Delete the staging (``.<name>.tmp-*``) and doomed (``.<name>.old-*``) folders that builds or removals
+    killed half-way left in ``parent``, never one whose writer still runs (:mod:`bench.temporaries`)."""
+    if not parent.is_dir():
+        return []
+    return remove_stale(sorted([*parent.glob(".*.tmp-*"), *parent.glob(".*.old-*")]))
 
 
 def remove_artifacts(directory: Path) -> None:
     """Delete an artefact directory by first renaming it away, so no reader ever sees it half-deleted."""
     if not directory.exists():
         return
-    doomed = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+    doomed = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-{owner_tag()}.", dir=directory.parent))
     try:
         os.replace(directory, doomed / directory.name)
     except OSError:
@@ -562,8 +578,16 @@ def load_or_build_artifacts(
     A cache that fails its checksums, was made by another build version or parameters, or lacks a file is
     reported in one warning line and rebuilt. The build runs on one thread: tiny matrices barely gain from a
     second one on an idle machine, on a shared one OpenMP workers spin waiting for each other (training ~20x
-    slower), and one thread keeps the built weights independent of the machine's core count.
+    slower), and one thread keeps the built weights independent of the machine's core count. Temporaries that
+    killed builds left beside ``directory`` are removed first; each file's tensors come in the order of their
+    names, whether loaded or just built. A file where the cache folder (or one above it) should be is an error
+    (it is never deleted, nor built around).
     """
+    if (blocker := file_in_the_way(directory)) is not None:
+        problem = ("is a file, not a directory" if blocker == directory
+                   else f"cannot be a directory: {blocker} is a file")
+        raise BenchError(f"the {label} cache {directory} {problem}; remove it or pick another --cache (or BENCH_CACHE)")
+    remove_stale_temporaries(directory.parent)
     if directory.exists():
         try:
             files, metadata = read_artifacts(directory)
@@ -578,6 +602,7 @@ def load_or_build_artifacts(
             remove_artifacts(directory)
     with torch_threads(1):
         files, metadata = build()
+    files = {file_name: sorted_tensors(tensors) for file_name, tensors in files.items()}
     try:
         write_artifacts(directory, files, metadata)
     except OSError as error:  # still usable, only not cached: say so and go on

@@ -49,6 +49,10 @@ def load_weights_only(path: Path) -> StateDict:
     except pickle.UnpicklingError as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise BenchError(f"{path} is not a plain tensor file ({first}); it is refused rather than unpickled") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:  # a truncated or damaged zip archive
+        first = str(error).strip().splitlines()[0].split(". ")[0][:200] if str(error).strip() else ""
+        raise BenchError(f"{path} is not a readable torch file ({first or type(error).__name__}); the file is "
+                         "truncated or damaged: download or write it again") from None
     if not isinstance(loaded, dict):
         raise BenchError(f"{path} holds a {type(loaded).__name__}, not a state dict")
     return loaded.get("state_dict", loaded)

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import registry
+from bench.disk import file_in_the_way
 from bench.errors import BenchError, MethodNotApplicable, missing_artifact_error, prepare_command
 
 MARKER = "COMPLETE"
@@ -46,13 +47,23 @@ def _slug(repo_id: str) -> str:
     return repo_id.replace("/", "--")
 
 
+def _folder_name(name: str, what: str, value: str) -> str:
+    """``name`` (made from ``value``) as one folder of the cache: a name that would leave its parent folder (a path
+    separator, ``.`` or ``..``) is refused in one line."""
+    if name in ("", ".", "..") or any(ch in name for ch in ("/", "\\", "\0")):
+        raise BenchError(f"{what} {value!r} cannot name a folder in the bench cache (it would resolve outside it); "
+                         f"use only letters, digits and _ - . (not . or ..)")
+    return name
+
+
 def model_dir(cache_dir: Path, repo_id: str) -> Path:
-    return Path(cache_dir) / "hub" / "models" / _slug(repo_id)
+    return Path(cache_dir) / "hub" / "models" / _folder_name(_slug(repo_id), "hub id", repo_id)
 
 
 def dataset_dir(cache_dir: Path, repo_id: str, split: str, config: str | None = None) -> Path:
-    name = _slug(repo_id) + (f"--{config}" if config else "")
-    return Path(cache_dir) / "hub" / "datasets" / name / split
+    _folder_name(_slug(repo_id), "dataset hub id", repo_id)
+    name = _folder_name(_slug(repo_id) + (f"--{config}" if config else ""), "dataset configuration", config or "")
+    return Path(cache_dir) / "hub" / "datasets" / name / _folder_name(split, "dataset split", split)
 
 
 def _sha256(path: Path) -> str:
@@ -99,9 +110,19 @@ def manifest_digest(folder: Path) -> str:
     return hashlib.sha256(marker.read_bytes()).hexdigest()[:16] if marker.is_file() else "unmarked"
 
 
+def require_folder(folder: Path) -> None:
+    """One line when a file is where the cache folder ``folder`` (or a folder above it) should be: it is neither a
+    missing download nor something to delete."""
+    if (blocker := file_in_the_way(folder)) is not None:
+        problem = ("is a file, not a directory" if blocker == Path(folder)
+                   else f"cannot be a directory: {blocker} is a file")
+        raise BenchError(f"the cache folder {folder} {problem}; remove it or pick another --cache (or BENCH_CACHE)")
+
+
 def require(folder: Path, suite: str, artefact: str, cache_dir: Path, prepare_args: str = "") -> Path:
     """``folder`` if it holds a finished download, else the one-line missing-artefact error."""
     if not is_complete(folder):
+        require_folder(folder)
         raise missing_artifact_error(suite, artefact, cache_dir, prepare_args)
     return folder
 
@@ -110,6 +131,7 @@ def fetch(folder: Path, download: Callable[[Path], None], verify: bool = True) -
     """Run ``download(folder)`` unless ``folder`` is already complete; returns whether it downloaded."""
     if is_complete(folder, verify=verify):
         return False
+    require_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MARKER).unlink(missing_ok=True)
     download(folder)

@@ -13,15 +13,22 @@
   checks).
 - :class:`LmEvalRunner`: lm-evaluation-harness on a model held in memory (``HFLM(pretrained=<model>)``) with a
   task manager that indexes only the given task directories, returning per-example correctness in doc order;
-  :func:`evaluate_merged` scores merged weights with it and :func:`combine_scores` turns scores into metrics.
+  :func:`evaluate_merged` scores merged weights with it and :func:`combine_scores` turns scores into metrics. The
+  tasks' datasets are cached where the runner is told (:func:`datasets_cache_in`), not in ``~/.cache/huggingface``.
+- :func:`refuse_untrusted_task_code`: task YAMLs whose ``!function`` tags would make lm-eval import and run Python
+  are refused unless the suite's ``trust_task_code`` is set (``--trust-task-code``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import io
 import logging
 import math
+import os
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -357,7 +364,7 @@ class LmEvalRunner:
     """
 
     def __init__(self, include_paths: Sequence[Path], include_defaults: bool = False,
-                 primary_metrics: dict[str, str] | None = None) -> None:
+                 primary_metrics: dict[str, str] | None = None, datasets_cache: Path | None = None) -> None:
         ensure_torchvision_importable()
         from lm_eval.tasks import TaskManager
 
@@ -365,6 +372,7 @@ class LmEvalRunner:
             self.task_manager = TaskManager(include_path=[str(p) for p in include_paths],
                                             include_defaults=include_defaults)
         self.primary_metrics = dict(primary_metrics or {})
+        self.datasets_cache = datasets_cache  # where the tasks' datasets are cached (None: datasets' default)
 
     def has_task(self, name: str) -> bool:
         return name in self.task_manager.all_tasks
@@ -382,7 +390,7 @@ class LmEvalRunner:
         from lm_eval.evaluator import evaluate
         from lm_eval.models.huggingface import HFLM
 
-        with quiet_lm_eval():
+        with quiet_lm_eval(), datasets_cache_in(self.datasets_cache):
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
             loaded = self.task_manager.load(list(tasks))
             for task in loaded["tasks"].values():
@@ -403,6 +411,154 @@ class LmEvalRunner:
         metric, _, filter_name = key.partition(",")
         samples = [s for s in output["samples"][task] if s.get("filter", "none") == filter_name]
         return samples_to_score(samples, metric, float(results[key]))
+
+
+@contextlib.contextmanager
+def datasets_cache_in(folder: Path | None) -> Iterator[None]:
+    """Within the block, what ``datasets`` caches (prepared Arrow files, downloads, extracted archives) and the hub
+    files it fetches go under ``folder``, not the user's ``~/.cache/huggingface``: lm-eval loads a task's dataset
+    with ``datasets.load_dataset`` and no ``cache_dir`` unless the task YAML gives one. Sets the environment
+    variables (for code reading them now) and ``datasets.config`` / ``huggingface_hub.constants`` (which read them
+    once, at import); everything is restored afterwards. ``None``: no change."""
+    if folder is None:
+        yield
+        return
+    import datasets.config as datasets_config
+    import huggingface_hub.constants as hub_constants
+
+    folder = Path(folder).expanduser().resolve()
+    downloads = folder / datasets_config.DOWNLOADED_DATASETS_DIR
+    values: list[tuple[Any, str, Any]] = [
+        (datasets_config, "HF_DATASETS_CACHE", folder),
+        (datasets_config, "DOWNLOADED_DATASETS_PATH", downloads),
+        (datasets_config, "EXTRACTED_DATASETS_PATH", downloads / datasets_config.EXTRACTED_DATASETS_DIR),
+        (hub_constants, "HF_HUB_CACHE", str(folder / "hub")),
+    ]
+    environment = {"HF_DATASETS_CACHE": str(folder), "HF_HUB_CACHE": str(folder / "hub"),
+                   "HF_XET_CACHE": str(folder / "xet")}
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in values if hasattr(owner, name)]
+    saved_environment = {name: os.environ.get(name) for name in environment}
+    try:
+        for owner, name, value in values:
+            if hasattr(owner, name):
+                setattr(owner, name, value)
+        os.environ.update(environment)
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+        for name, value in saved_environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Task YAMLs that would run code: lm-eval imports the Python a `!function` tag names (from beside the YAML)
+# ----------------------------------------------------------------------------------------------------------
+
+TRUST_TASK_CODE_HINT = ("it is not loaded unless you trust its source: rerun with --trust-task-code "
+                        "(--set suite.trust_task_code=true)")
+PYTHON_TAG_PREFIX = "tag:yaml.org,2002:python/"  # PyYAML's !!python/... tags (lm-eval's fallback FullLoader)
+IGNORED_TASK_DIRS = {"__pycache__", ".ipynb_checkpoints"}  # as lm-eval's task index
+
+
+@dataclass(frozen=True)
+class TaskCode:
+    """A task YAML holding a tag that makes lm-eval import and run Python."""
+
+    path: Path
+    tag: str
+
+
+def _is_code_tag(tag: str) -> bool:
+    return tag == "!function" or tag.startswith(PYTHON_TAG_PREFIX)
+
+
+@functools.cache
+def _tag_recorder() -> type:
+    """A safe YAML loader that records every application tag (``!function``, ``!!python/...``) and reads the
+    tagged node as plain data: nothing is imported or run."""
+    import yaml
+
+    class TagRecorder(yaml.SafeLoader):
+        recorded: list[str]
+
+    def construct(loader: Any, suffix: str, node: Any) -> Any:
+        loader.recorded.append(node.tag)
+        if isinstance(node, yaml.MappingNode):
+            return loader.construct_mapping(node, deep=True)
+        if isinstance(node, yaml.SequenceNode):
+            return loader.construct_sequence(node, deep=True)
+        return loader.construct_scalar(node)
+
+    TagRecorder.add_multi_constructor("", construct)
+    return TagRecorder
+
+
+def _tags_and_includes(text: str) -> tuple[list[str], list[str]]:
+    """The tags a task YAML applies and the files it includes. Text that does not parse is read as text:
+    any ``!function`` or ``!!python/`` in it counts."""
+    import yaml
+
+    loader = _tag_recorder()(text)
+    loader.recorded = []
+    try:
+        data = loader.get_single_data()
+    except yaml.YAMLError:
+        return [tag if tag == "!function" else PYTHON_TAG_PREFIX
+                for tag in re.findall(r"!function\b|!!python/", text)], []
+    finally:
+        loader.dispose()
+    include = data.get("include") if isinstance(data, dict) else None
+    includes = include if isinstance(include, list) else [include]
+    return loader.recorded, [item for item in includes if isinstance(item, str)]
+
+
+def _lm_eval_package() -> Path | None:
+    spec = importlib.util.find_spec("lm_eval")
+    return Path(spec.origin).resolve().parent if spec is not None and spec.origin else None
+
+
+def task_code(paths: Sequence[Path]) -> list[TaskCode]:
+    """Every task YAML lm-eval would read from ``paths`` (a folder: its ``**/*.yaml``, as lm-eval indexes it; a
+    file: itself), and every file they ``include:``, that holds a tag making lm-eval import and run Python
+    (``!function``; PyYAML's ``!!python/...``). Read with a loader that only records tags. lm-eval's own task
+    files are left out: their code is part of the installed package."""
+    package = _lm_eval_package()
+    pending: list[Path] = []
+    for path in paths:
+        path = Path(path).expanduser()
+        if path.is_dir():
+            pending += sorted((p for p in path.glob("**/*.yaml") if not IGNORED_TASK_DIRS & set(p.parts)),
+                              key=lambda p: p.as_posix())
+        else:
+            pending.append(path)
+    found: list[TaskCode] = []
+    seen: set[Path] = set()
+    while pending:
+        path = pending.pop(0).expanduser().resolve()
+        if path in seen or not path.is_file() or (package is not None and path.is_relative_to(package)):
+            continue
+        seen.add(path)
+        tags, includes = _tags_and_includes(path.read_text(errors="replace"))
+        found += [TaskCode(path, tag) for tag in dict.fromkeys(tags) if _is_code_tag(tag)][:1]
+        pending += [Path(item) if Path(item).is_absolute() else path.parent / item for item in includes]
+    return found
+
+
+def refuse_untrusted_task_code(paths: Sequence[Path], trusted: bool, where: str = "") -> None:
+    """Before anything is loaded: task YAMLs whose tags run Python need ``trust_task_code``; one line naming the
+    file, why and the flag (``where`` prefixes it, e.g. the suite file and key)."""
+    if trusted:
+        return
+    found = task_code(paths)
+    if found:
+        code = found[0]
+        tag = "!function" if code.tag == "!function" else f"!!{code.tag.removeprefix('tag:yaml.org,2002:')}"
+        raise BenchError(f"{where}lm-eval task file {code.path} has a {tag} tag: it would import and run Python "
+                         f"code from {code.path.parent}; {TRUST_TASK_CODE_HINT}")
 
 
 def evaluate_merged(runner: LmEvalRunner, merged: MergedParameters, model: nn.Module, tokenizer: Any,

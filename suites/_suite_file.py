@@ -36,6 +36,8 @@ DEFAULT_EVAL_BATCH = {IMAGE: 128, SEQUENCE: 64, LM_EVAL: 16}
 LOCAL_PREFIXES = ("/", "./", "../", "~")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 SPLIT_PLACEHOLDER = "{split}"
+NAME_PART = re.compile(r"[A-Za-z0-9_.-]+")
+NAME_RULE = "use only letters, digits and _ - . (not . or ..)"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -172,6 +174,8 @@ def read_suite_file(path: Path | str) -> SuiteFile:
     kind = _kind(data, source)
     _check_keys(data, TOP_KEYS, source, "", _kinds_of(SuiteConfig), kind)
     config = SuiteConfig(**_values(SuiteConfig, {k: v for k, v in data.items() if k != "tasks"}, source, "", kind))
+    if config.name:
+        check_name_part(source, f"name = {config.name!r}", config.name, "the folder of the suite's records")
     if config.protocol not in PROTOCOLS:
         raise BenchError(f"{source}: protocol = '{config.protocol}' is not one of {', '.join(PROTOCOLS)}")
     tasks = _tasks(data, source, kind)
@@ -228,6 +232,7 @@ def _tasks(data: dict[str, Any], source: str, kind: str) -> dict[str, TaskConfig
     tasks = {}
     for name, table in tables.items():
         where = f"tasks.{name}"
+        check_name_part(source, f"task name {name!r} (a [tasks.NAME] table)", name, "files in the bench cache")
         _check_keys(table, task_keys, source, where, _kinds_of(TaskConfig), kind)
         tasks[name] = TaskConfig(**_values(TaskConfig, table, source, where, kind))
     return tasks
@@ -289,6 +294,13 @@ def _typed(hint: Any, value: Any, source: str, where: str, example: str) -> Any:
                      f"{example}")
 
 
+def check_name_part(source: str, label: str, value: str, names: str) -> None:
+    """``value`` becomes one folder or file name (``names`` says which): only letters, digits and ``_ - .``, never
+    ``.`` or ``..`` (no separators, so nothing is written outside the results folder or the cache)."""
+    if not NAME_PART.fullmatch(value) or value in (".", ".."):
+        raise BenchError(f"{source}: {label} is not allowed: it names {names}; {NAME_RULE}")
+
+
 def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -308,7 +320,7 @@ def _check_task(task: TaskConfig, source: str, where: str, kind: str) -> None:
             if bad:
                 raise BenchError(f"{source}: {where}.templates: '{bad[0]}' must contain {{}} exactly once (where "
                                  f"the class name goes), e.g. \"a photo of a {{}}.\"")
-        for name in ("eval_split", "train_split", "unlabeled_split"):
-            if getattr(task, name) and not re.fullmatch(r"[\w.-]+", getattr(task, name)):
-                raise BenchError(f"{source}: {where}.{name} = '{getattr(task, name)}' is not a split name; "
-                                 f"e.g. {name} = \"test\"")
+        for name in ("eval_split", "train_split", "unlabeled_split", "dataset_config"):
+            value = getattr(task, name)
+            if value:
+                check_name_part(source, f"{where}.{name} = {value!r}", value, "folders in the bench cache")

@@ -76,6 +76,7 @@ from suites._lm import (
     model_ids,
     pad_token_ids,
     real_tokens,
+    refuse_untrusted_task_code,
     trim_padding,
 )
 from suites._suite_file import (
@@ -382,9 +383,11 @@ def load_clip_base(suite: SuiteFile, folder: Path) -> clip_weights.LoadedBackbon
     try:
         config = CLIPConfig.from_pretrained(folder, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError) as error:
+    except BenchError:
+        raise
+    except Exception as error:  # noqa: BLE001 - transformers fails on a damaged folder in many ways; one line
         raise suite.fail("base", f"{folder} is not a transformers CLIPModel folder with its tokenizer "
-                                 f"({str(error).splitlines()[0]})") from None
+                                 f"({loading_error(error)})") from None
     raw = checkpoint_tensors(suite, suite.base, folder)
     if "visual_projection.weight" not in raw:
         raise suite.fail("base", f"{folder} lacks tensor 'visual_projection.weight'; the base must be a whole "
@@ -502,10 +505,21 @@ def load_transformers_model(suite: SuiteFile, folder: Path, auto_class: str, wha
     try:
         model = from_pretrained(getattr(transformers, auto_class), folder, dtype=torch.float32)
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as error:
+    except BenchError:
+        raise
+    except Exception as error:  # noqa: BLE001 - e.g. a truncated model.safetensors (SafetensorError); one line
         raise suite.fail("base", f"{folder} is not a transformers {what} folder with its tokenizer "
-                                 f"({str(error).splitlines()[0]})") from None
+                                 f"({loading_error(error)})") from None
     return model, tokenizer
+
+
+def loading_error(error: BaseException) -> str:
+    """The first line of a loader's exception, with its type unless it is an OSError or ValueError."""
+    lines = str(error).strip().splitlines()
+    first = lines[0][:300] if lines else ""
+    if isinstance(error, (OSError, ValueError)) and first:  # as before: their message says enough
+        return first
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -732,13 +746,31 @@ class LmEvalProblem(LlmProblem):
         return {**super().describe(), "lm_eval_tasks": dict(self.lm_eval_tasks)}
 
 
-def lm_eval_runner(suite: SuiteFile) -> LmEvalRunner:
-    """A task manager over the suite's task files (plus lm-eval's built-in tasks when a task names no file)."""
-    paths = list(dict.fromkeys(ref.local if ref.local.is_dir() else ref.local.parent
-                               for ref in suite.task_files.values() if ref.local is not None))
+def task_folders(suite: SuiteFile) -> dict[Path, str]:
+    """The folders lm-eval indexes for the suite's task files (a file's folder), each with the first key naming
+    it."""
+    folders: dict[Path, str] = {}
+    for ref in suite.task_files.values():
+        if ref.local is not None:
+            folders.setdefault(ref.local if ref.local.is_dir() else ref.local.parent, ref.key)
+    return folders
+
+
+def refuse_task_code(suite: SuiteFile, params: Any) -> None:
+    """Before anything is loaded: task YAMLs (and what they include) whose ``!function`` tags would make lm-eval
+    import and run Python need ``--trust-task-code``."""
+    for folder, key in task_folders(suite).items():
+        refuse_untrusted_task_code([folder], params.trust_task_code, where=f"{suite.path}: {key}: ")
+
+
+def lm_eval_runner(suite: SuiteFile, cache_dir: Path) -> LmEvalRunner:
+    """A task manager over the suite's task files (plus lm-eval's built-in tasks when a task names no file); the
+    tasks' datasets are cached under the bench cache."""
+    paths = list(task_folders(suite))
     builtin = len(suite.task_files) < len(suite.tasks)
     metrics = {t.lm_eval_task: t.metric for t in suite.tasks.values() if t.metric}
-    runner = LmEvalRunner(paths, include_defaults=builtin, primary_metrics=metrics)
+    runner = LmEvalRunner(paths, include_defaults=builtin, primary_metrics=metrics,
+                          datasets_cache=Path(cache_dir) / "custom" / "hf_datasets")
     for name, task in suite.tasks.items():
         if not runner.has_task(task.lm_eval_task):
             where = f"the task files ({', '.join(str(p) for p in paths)})" if paths else "lm-eval's built-in tasks"
@@ -760,7 +792,8 @@ def build_lm_eval_problem(suite: SuiteFile, params: Any, cache_dir: Path, progre
         check_compatible(base, [experts[name]], [name])
     return LmEvalProblem(
         name=suite.name, model=model, tokenizer=tokenizer, pretrained=base, experts=experts,
-        lm_eval_tasks={name: task.lm_eval_task for name, task in suite.tasks.items()}, runner=lm_eval_runner(suite),
+        lm_eval_tasks={name: task.lm_eval_task for name, task in suite.tasks.items()},
+        runner=lm_eval_runner(suite, cache_dir),
         eval_batch_size=params.eval_batch_size, limit=suite.config.limit or None,
         max_length=suite.config.max_length or None,
         facts={"suite_file": str(suite.resolved), "sha256": suite.sha256, "kind": suite.kind},
@@ -781,7 +814,8 @@ BUILDERS: dict[str, Callable[[SuiteFile, Any, Path, bool], MergeProblem]] = {
 def params_class(suite: SuiteFile) -> type:
     """A frozen dataclass of the suite's parameters: the file's resolved path, its content's sha256 and every
     resolved reference (fixed: a record of another file, another content or another checkpoint never matches),
-    and what ``--set suite.X=Y`` may change (eval batch size; protocol for classification kinds)."""
+    and what ``--set suite.X=Y`` may change (eval batch size; protocol for classification kinds; for lm-eval,
+    trust_task_code, set by ``--trust-task-code``)."""
     references = json.dumps(suite.references(), sort_keys=True)
     fields: list[tuple[str, type, Any]] = [
         ("file", str, param(str(suite.resolved), "the suite file (fixed)", choices=(str(suite.resolved),))),
@@ -793,6 +827,9 @@ def params_class(suite: SuiteFile) -> type:
     if suite.kind in CLASSIFICATION:
         fields.append(("protocol", str, param(suite.config.protocol, "test-time adaptation data: the eval split "
                                               "(transductive) or the unlabeled split (inductive)", choices=PROTOCOLS)))
+    if suite.kind == LM_EVAL:
+        fields.append(("trust_task_code", bool, param(False, "allow task YAMLs with !function tags (lm-eval imports "
+                                                             "and runs the Python code they name)")))
     return dataclasses.make_dataclass("CustomSuiteParams", fields, frozen=True, namespace={"__module__": __name__})
 
 
@@ -800,6 +837,8 @@ def build(suite: SuiteFile, params: Any, cache_dir: Path, progress: bool) -> Mer
     """Check local paths and the cache first (one line naming what is missing), then load by kind."""
     cache_dir = Path(cache_dir)
     check_local_paths(suite)
+    if suite.kind == LM_EVAL:
+        refuse_task_code(suite, params)
     require_ready(suite, cache_dir)
     return BUILDERS[suite.kind](suite, params, cache_dir, progress)
 

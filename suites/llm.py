@@ -31,6 +31,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ from suites._lm import (
     evaluate_merged,
     from_pretrained,
     quiet_lm_eval,
+    refuse_untrusted_task_code,
 )
 from suites._torchvision_compat import ensure_torchvision_importable
 
@@ -72,6 +74,7 @@ PRIMARY_METRICS = {"ifeval": "prompt_level_strict_acc,none", "gsm8k_cot": "exact
 LOCAL_BUILDERS = ("json", "csv", "parquet", "arrow", "text")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
+FOLDER_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # a dataset configuration or split as a folder of the cache
 
 
 def parse_task_map(text: str) -> dict[str, list[str]]:
@@ -102,6 +105,8 @@ class LlmParams:
     task_map: str = param(DEFAULT_TASK_MAP, "DOMAIN=LM_EVAL_TASK[+TASK...];... (one expert per domain)")
     lm_eval_include: str = param("", "folder of lm-eval task YAMLs to find the tasks in instead of lm-eval's "
                                  "built-in ones")
+    trust_task_code: bool = param(False, "allow lm_eval_include's task YAMLs with !function tags (lm-eval imports "
+                                  "and runs the Python code they name)")
     limit: int = param(0, "score only the first N docs of each lm-eval task (0: all)", low=0)
     batch_size: int = param(8, "lm-eval batch size", low=1)
     dtype: str = param("bfloat16", "dtype the checkpoints are loaded, merged and evaluated in",
@@ -194,6 +199,12 @@ def _task_source(manager: Any, name: str, group: str | None = None) -> TaskSourc
         raise BenchError(f"lm-eval task '{name}' is not a single YAML task with a dataset_path "
                          "(nested groups and Python tasks are not supported; list its subtasks)")
     splits = tuple(dict.fromkeys(config[k] for k in SPLIT_KEYS if config.get(k)))
+    if config["dataset_path"] not in LOCAL_BUILDERS:  # cached as hub/datasets/<path>[--<name>]/<split>/
+        for key in ("dataset_name", *SPLIT_KEYS):
+            value = config.get(key)
+            if value not in (None, "") and (not FOLDER_NAME.fullmatch(str(value)) or str(value) in (".", "..")):
+                raise BenchError(f"lm-eval task '{name}' ({entry.yaml_path}): {key} = {value!r} is not allowed: it "
+                                 f"names a folder in the bench cache; use only letters, digits and _ - . (not . or ..)")
     return TaskSource(name, Path(entry.yaml_path).resolve(), config["dataset_path"], config.get("dataset_name"),
                       splits, group)
 
@@ -403,6 +414,9 @@ def load(params: LlmParams, cache_dir: Path) -> LlmProblem:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cache_dir = Path(cache_dir)
+    if params.lm_eval_include:  # lm-eval's own task files are part of the installed package
+        refuse_untrusted_task_code([Path(params.lm_eval_include)], params.trust_task_code,
+                                   where="suite.lm_eval_include: ")
     for item in needed_artefacts(params, cache_dir):  # every artefact checked before any weight is read
         _hub.require(item.folder, SUITE, item.description, cache_dir, prepare_args(params))
     dtype = DTYPES[params.dtype]
@@ -421,7 +435,8 @@ def load(params: LlmParams, cache_dir: Path) -> LlmProblem:
     sources = task_sources(params)
     folder = write_local_tasks(sources, cache_dir)
     primary = {s.task: PRIMARY_METRICS[s.task] for s in sources if s.task in PRIMARY_METRICS}
-    runner = LmEvalRunner([folder], primary_metrics=primary)
+    runner = LmEvalRunner([folder], primary_metrics=primary,
+                          datasets_cache=cache_dir / "llm-lm-eval" / "hf_datasets")
     facts = {"base_model": params.base_id(), "dtype": params.dtype, "limit": params.limit}
     return LlmProblem(params=params, model=model, tokenizer=tokenizer, pretrained=pretrained, experts=experts,
                       runner=runner, facts=facts, groups=group_subtasks(sources))

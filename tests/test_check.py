@@ -265,12 +265,14 @@ def test_new_method_without_significance_says_no(capsys, tmp_path):
     assert ref.split()[2] == "+0.0" and ref.endswith("no")
 
 
-def test_methods_missing_from_results_are_listed_not_failed(capsys, results, tmp_path):
+def test_methods_missing_from_results_fail_unless_left_out_with_methods(capsys, results, tmp_path):
     partial = write_store(tmp_path / "partial", {"strong": METHODS["strong"]})
     code, out, _ = run(capsys, "check", "--baseline", str(results), "--results", str(partial))
-    assert code == 0
-    assert "1 not rerun" in out.splitlines()[0]
-    assert out.splitlines()[-1] == "in the baseline but not in the results (not checked): weak"
+    assert code == 1  # a gate cannot vouch for a baseline method it never saw
+    assert out.startswith("bench check: FAIL — 0 regression(s)") and "1 not rerun" in out.splitlines()[0]
+    assert "in the baseline but not in the results (FAIL: not checked): weak" in out.splitlines()
+    code, out, _ = run(capsys, "check", "--baseline", str(results), "--results", str(partial), "--methods", "strong")
+    assert code == 0 and out.startswith("bench check: PASS") and "0 not rerun" in out.splitlines()[0]
 
 
 # ---------------------------------------------------------------- errors

@@ -36,4 +36,4 @@ def test_corrupt_record_is_skipped_with_warning(tmp_path, capsys):
     assert list(store.records()) == []
     err = capsys.readouterr().err
     assert err.startswith(f"bench: warning: ignoring unreadable record {bad}")
-    assert err.strip().endswith("it will be recomputed")
+    assert err.strip().endswith("it is skipped; rerun its configuration with --resume to recompute it")
