@@ -851,7 +851,7 @@ def toml_suite(path: Path | str) -> SuiteSpec:
     """The :class:`~bench.registry.SuiteSpec` of a suite file (one per path and content; never registered, so
     ``bench list suites`` is unchanged)."""
     suite = read_suite_file(path)
-    cache_key = (str(path), suite.sha256)
+    cache_key = (str(suite.resolved), suite.sha256)
     if cache_key not in _SPECS:
         description = suite.config.description or f"{suite.kind} suite from {suite.path}"
         _SPECS[cache_key] = SuiteSpec(

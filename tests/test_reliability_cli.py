@@ -182,7 +182,7 @@ def test_nan_k_is_refused_by_the_methods_whatever_the_parser_lets_through(capsys
     ("0,4294967296", "4294967296"),
     ("-1", "-1"),
     ("9" * 5000, "999"),
-])
+], ids=["20-digits", "2**32", "negative", "5000-digits"])
 def test_seeds_out_of_range_are_one_line(capsys, tmp_path, seeds, shown):
     code, _, err = run_cli(capsys, "run", "--suite", "toy", "--methods", "pretrained", f"--seeds={seeds}",
                            "--results", str(tmp_path / "r"), "--no-report", "--no-progress")
@@ -337,6 +337,23 @@ def test_damaged_checkpoints_of_an_image_suite_are_one_line(capsys, tmp_path, cl
     assert not (tmp_path / "results").exists()
 
 
+def test_a_truncated_base_of_a_sequence_suite_is_one_line(capsys, tmp_path, monkeypatch):
+    """transformers' own loading of the base folder (sequence-classification kind): its SafetensorError is one line."""
+    import test_custom_suite as custom
+
+    custom.save_tiny_sequence_classifiers(tmp_path)
+    # its own file name: suites.custom caches a suite file's spec by the path as given and the content
+    (tmp_path / "truncated_base.toml").write_text(custom.TEXT_SUITE)
+    _truncate_file(tmp_path / "base", "model.safetensors")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()  # what building the fixture printed
+    code, _, err = run_cli(capsys, "run", "--suite", "truncated_base.toml", "--methods", "pretrained", "--cache",
+                           str(tmp_path / "cache"), "--results", str(tmp_path / "results"), "--no-report",
+                           "--no-progress")
+    assert_one_line_error(code, err, f"truncated_base.toml: base: {tmp_path / 'base'} is not a transformers ",
+                          "folder with its tokenizer (SafetensorError")
+
+
 # ---------------------------------------------------------------- defect 9: say what happens, and early
 
 
@@ -372,7 +389,7 @@ def test_unwritable_results_is_reported_before_the_suite_loads(capsys, tmp_path,
     ("task_arithmetic.scaling=0:1:1e-300", "'0:1:1e-300' has more than 10,000 points"),
     ("task_arithmetic.scaling=0:10000:1", "'0:10000:1' has more than 10,000 points"),
     ("task_arithmetic.scaling=" + ",".join(map(str, range(MAX_GRID_POINTS + 1))), "has 10,001 values"),
-])
+], ids=["tiny-step", "10001-points", "10001-values"])
 def test_grid_sizes_are_capped_with_a_short_message(capsys, tmp_path, param, fragment):
     code, _, err = run_cli(capsys, "sweep", "--suite", "toy", "--param", param, "--results", str(tmp_path))
     line = assert_one_line_error(code, err, fragment)
