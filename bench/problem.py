@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bench.model_pool import ModelPool, check_compatible  # noqa: F401  (check_compatible: re-exported)
+from bench.model_pool import ModelPool
 
 StateDict = dict[str, Tensor]
 

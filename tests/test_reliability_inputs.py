@@ -14,7 +14,7 @@ from pathlib import Path
 import fixtures_nlp as fx
 import fixtures_vision as fv
 import pytest
-from test_custom_suite import save_tiny_causal_lm
+from test_custom_suite import VALID, save_tiny_causal_lm
 
 from bench.cli import build_parser, main, worker_argv
 from bench.errors import BenchError
@@ -72,13 +72,6 @@ def run_lm(capsys, suite: Path, root: Path, *extra: str) -> tuple[int, str, str]
 
 # -- 1. names that become path parts --------------------------------------------------------------------------------
 
-VALID = """kind = "image-classification"
-base = "openai/clip-vit-base-patch32"
-[tasks.mnist]
-expert = "tanganke/clip-vit-base-patch32_mnist"
-dataset = "ylecun/mnist"
-class_names = ["0", "1"]
-"""
 
 BAD_NAMES = [
     ('name = "../../../x"\n' + VALID,
