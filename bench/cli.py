@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import math
 import os
@@ -123,14 +122,17 @@ def grid_points(grid: dict[str, dict[str, list[str]]]) -> dict[str, list[dict[st
     }
 
 
+def plugin_names(modules: Sequence[str]) -> list[str]:
+    """The modules ``--plugin`` and ``BENCH_PLUGINS`` name (workers import them too)."""
+    names = list(modules) + [m for m in os.environ.get("BENCH_PLUGINS", "").split(",") if m.strip()]
+    return list(dict.fromkeys(name.strip() for name in names))
+
+
 def load_plugins(modules: Sequence[str]) -> None:
     """Import extra modules that register methods or suites (``--plugin`` or ``BENCH_PLUGINS``)."""
-    names = list(modules) + [m for m in os.environ.get("BENCH_PLUGINS", "").split(",") if m.strip()]
-    for name in names:
-        try:
-            importlib.import_module(name.strip())
-        except ImportError as exc:
-            raise BenchError(f"cannot import plugin module '{name}': {exc}; is it on PYTHONPATH?") from None
+    from bench.execution import import_plugins
+
+    import_plugins(plugin_names(modules))
 
 
 def _param_lines(params_cls: type) -> list[str]:
@@ -316,24 +318,17 @@ def run_config(args: argparse.Namespace, methods: list[str]) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from bench.runner import execute
     from bench.store import ResultsStore
 
     config = run_config(args, [m.strip() for m in args.methods.split(",") if m.strip()])
     if not config.methods:
         raise BenchError("--methods is empty; write --methods all or a comma list, e.g. --methods ties,task_arithmetic")
+    executor = executor_of(args, config)
     check_output_dirs(args, config)
-    if use_workers(args, config):
-        suite_key, _ = run_in_seed_shards(args, config)
-    else:
-        summary = execute(config)
-        print(f"{len(summary.computed)} run(s) computed, {summary.skipped_recorded} already recorded; "
-              f"records in {config.results_dir}/", file=sys.stderr)
-        for name, reason in summary.not_applicable:
-            print(f"not applicable: {name}: {reason}", file=sys.stderr)
-        suite_key = summary.suite_key
+    summary = execute_with(args, config, executor)
     if args.no_report:
         return 0
+    suite_key = summary.suite_key
     records = [r for r in ResultsStore(config.results_dir).records()
                if r["suite"] == suite_key["suite"] and r["suite_params"] == suite_key["suite_params"]]
     texts = write_tables(records, Path(args.out))
@@ -342,70 +337,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def use_workers(args: argparse.Namespace, config: Any) -> bool:
-    if args.jobs < 1:
-        raise BenchError(f"--jobs {args.jobs}: give at least 1 (worker processes, one seed group each)")
-    return args.jobs > 1 and len(config.seeds) > 1
+def executor_of(args: argparse.Namespace, config: Any) -> Any:
+    """The executor ``--executor``/``--jobs`` and the Ray flags ask for."""
+    from bench.executors import RayOptions, make_executor
+
+    given = {name: getattr(args, name) for name in ("address", "gpus_per_job", "cpus_per_job")}
+    ray = RayOptions(**{name: value for name, value in given.items() if value is not None}) \
+        if any(value is not None for value in given.values()) else None
+    return make_executor(args.executor, args.jobs, ray, config.device, config.progress)
 
 
-def run_in_seed_shards(args: argparse.Namespace, config: Any, grid: Any = None) -> tuple[dict[str, Any], list[str]]:
-    """``bench run``/``sweep`` with the seeds dealt round-robin to ``--jobs`` worker processes (one per core).
+def execute_with(args: argparse.Namespace, config: Any, executor: Any, grid: Any = None) -> Any:
+    """Run the plan on ``executor`` and print what was done."""
+    from bench.runner import execute
 
-    The suite is loaded (built, if not cached) and checked once here first, so workers only read the cache. Each
-    worker is the same command over its seeds writing to the same store (records are written atomically under
-    distinct names; what a seed shares across grid points, e.g. teacher logits, stays within one worker); this
-    process writes the tables when all have finished. Returns the suite key and the planned configuration hashes.
-    """
-    import dataclasses
-
-    from bench.lifeline import Worker
-    from bench.measure import PhaseTimer, resolve_device
-    from bench.runner import load_problem, plan_jobs
-    from bench.store import config_hash
-
-    suite_spec = registry.get_suite(config.suite)
-    suite_params = registry.build_params("suite", suite_spec.params, config.suite_overrides)
-    jobs = plan_jobs(config, suite_params, grid)  # bad names or hyperparameters fail here, once
-    load_problem(config, suite_params, PhaseTimer(resolve_device(config.device)))
-    groups = [config.seeds[i::args.jobs] for i in range(min(args.jobs, len(config.seeds)))]
-    print(f"running seeds in {len(groups)} worker processes: "
-          + "; ".join(",".join(map(str, g)) for g in groups), file=sys.stderr)
-    # Tied to this process: they end with it even when it is killed outright (bench.lifeline).
-    workers: list[Worker] = []
-    try:
-        for group in groups:
-            workers.append(Worker(worker_argv(args, group)))
-        codes = [worker.wait() for worker in workers]
-    finally:
-        for worker in workers:
-            worker.stop()  # a no-op for those that finished; ends the others when this one is interrupted
-    failed = [code for code in codes if code != 0]
-    if failed:
-        raise BenchError(f"{len(failed)} of {len(workers)} worker(s) failed (see above); every finished run is "
-                         "recorded, rerun with --resume to continue")
-    suite_key = {"suite": suite_spec.name, "suite_params": dataclasses.asdict(suite_params)}
-    return suite_key, [config_hash(job.key) for job in jobs]
-
-
-def worker_argv(args: argparse.Namespace, seeds: Sequence[int]) -> list[str]:
-    """The command line of one worker: the same ``run`` or ``sweep``, restricted to ``seeds``, without tables."""
-    argv = [flag for plugin in args.plugin for flag in ("--plugin", plugin)]
-    argv += [args.command, "--suite", args.suite, "--seeds", ",".join(map(str, seeds)),
-             "--device", args.device, "--results", str(args.results), "--out", str(args.out),
-             "--jobs", "1", "--no-report", "--no-progress"]
-    argv += ["--methods", args.methods] if args.methods else []
-    argv += [flag for item in getattr(args, "param", []) for flag in ("--param", item)]
-    argv += [flag for item in args.set for flag in ("--set", item)]
-    argv += ["--cache", args.cache] if args.cache else []
-    argv += ["--resume"] if args.resume else []
-    argv += ["--trust-pickles"] if args.trust_pickles else []
-    argv += ["--trust-task-code"] if args.trust_task_code else []
-    return argv
+    summary = execute(config, grid, executor=executor, plugins=plugin_names(args.plugin))
+    print(f"{len(summary.computed)} run(s) computed, {summary.skipped_recorded} already recorded; "
+          f"records in {config.results_dir}/", file=sys.stderr)
+    for name, reason in summary.not_applicable:
+        print(f"not applicable: {name}: {reason}", file=sys.stderr)
+    return summary
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from bench.report import sweep_markdown, sweep_table
-    from bench.runner import execute
     from bench.store import ResultsStore
 
     grid = parse_grid(args.param)
@@ -413,18 +368,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise BenchError("bench sweep needs at least one --param METHOD.PARAM=v1,v2,... (or start:stop:step)")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(grid)
     config = run_config(args, methods)
+    executor = executor_of(args, config)
     check_output_dirs(args, config)
     suite_overrides = config.suite_overrides
-    if use_workers(args, config):
-        _, planned_hashes = run_in_seed_shards(args, config, grid_points(grid))
-    else:
-        summary = execute(config, grid_points(grid))
-        print(f"{len(summary.computed)} run(s) computed, {summary.skipped_recorded} already recorded; "
-              f"records in {config.results_dir}/", file=sys.stderr)
-        planned_hashes = summary.planned
+    summary = execute_with(args, config, executor, grid_points(grid))
     if args.no_report:
         return 0
-    planned = set(planned_hashes)
+    planned = set(summary.planned)
     records = [r for r in ResultsStore(config.results_dir).records() if r["config_hash"] in planned]
     swept = {method: list(params) for method, params in grid.items()}
     suite_label = config.suite + "".join(f" {k}={v}" for k, v in sorted(suite_overrides.items()))
@@ -563,9 +513,19 @@ def _add_execution_args(parser: argparse.ArgumentParser, out_help: str) -> None:
     parser.add_argument("--cache", default=None, help=CACHE_HELP)
     parser.add_argument("--resume", action="store_true", help="skip configurations already recorded")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--no-report", action="store_true", help="record only: no tables printed or written")
+    parser.add_argument("--executor", default="local", metavar="local|ray",
+                        help="who runs the jobs: this machine (default), or a Ray cluster (pip install "
+                             "'merge-bench[ray]')")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="worker processes, each running a share of the seeds (e.g. one per CPU core; default 1)")
-    parser.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # used by --jobs workers
+                        help="--executor local: worker processes running jobs side by side (default 1: this process)")
+    parser.add_argument("--address", default=None,
+                        help="--executor ray: 'auto' (the cluster `ray start` made on this node) or ray://HOST:PORT "
+                             "(default: start a local Ray instance)")
+    parser.add_argument("--gpus-per-job", type=float, default=None,
+                        help="--executor ray: GPUs per job, fractions share one (default: 1 when the cluster has GPUs "
+                             "and --device is not cpu, else 0)")
+    parser.add_argument("--cpus-per-job", type=float, default=None, help="--executor ray: CPUs per job (default 1)")
     parser.add_argument("--trust-pickles", action="store_true",
                         help="allow loading checkpoints stored as Python pickles (the task_vectors experts); "
                              "unpickling can run arbitrary code, so only for files you trust")
@@ -579,7 +539,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench", description="Benchmark model-merging methods on suites.")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                         help="import MODULE to register extra methods or suites (also BENCH_PLUGINS=a,b)")
-    parser.add_argument("--parent-pipe", type=int, default=None, help=argparse.SUPPRESS)  # --jobs workers
     sub = parser.add_subparsers(dest="command", required=True)
 
     p_list = sub.add_parser("list", help="list registered methods or suites with their hyperparameters")
@@ -669,10 +628,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS; must precede CUDA init
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.parent_pipe is not None:  # a --jobs worker: end with the parent that started it
-        from bench.lifeline import exit_with_parent
-
-        exit_with_parent(args.parent_pipe)
     try:
         load_plugins(args.plugin)
         return int(args.func(args) or 0)

@@ -21,10 +21,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from bench import registry
+from bench import execution, registry
 from bench.disk import require_directory
-from bench.errors import BenchError, MethodNotApplicable, missing_artifact_error
-from bench.measure import PeakMemory, PhaseTimer, environment, resolve_device, torch_threads
+from bench.errors import BenchError, missing_artifact_error
+from bench.execution import Outcome, Setting, Task
+from bench.executors import Executor, InProcessExecutor
+from bench.measure import PeakMemory, PhaseTimer, resolve_device, torch_threads
 from bench.model_pool import describe_nonfinite, nonfinite_keys
 from bench.problem import MergeContext, MergeProblem, PerTaskWeights, StateDict
 from bench.store import FAILED, ResultsStore, config_hash, finite_or_none, is_failed, pack_correct
@@ -56,6 +58,7 @@ class Job:
     params: Any
     seed: int
     key: dict[str, Any]
+    overrides: Mapping[str, Any] = field(default_factory=dict)  # the raw values ``params`` was built from
 
 
 @dataclass
@@ -139,7 +142,7 @@ def plan_jobs(config: RunConfig, suite_params: Any, grid: Grid | None = None) ->
             overrides = {**config.method_overrides.get(name, {}), **point}
             params = registry.build_params(name, spec.params, overrides)
             for seed in config.seeds:
-                jobs.append(Job(spec, params, seed, record_key(suite, suite_params, spec, params, seed)))
+                jobs.append(Job(spec, params, seed, record_key(suite, suite_params, spec, params, seed), overrides))
     return jobs
 
 
@@ -271,24 +274,31 @@ def build_record(
 ) -> dict[str, Any]:
     tasks = {}
     for task, m in metrics.items():
-        entry = {
+        tasks[task] = {
             "accuracy": m.accuracy,
             "loss": finite_or_none(m.loss),  # null where a task has no loss (NaN), e.g. a generation task
             "num_examples": m.num_examples,
             "correct": pack_correct(m.correct),
         }
-        if reference:
-            entry["normalized_accuracy"] = m.accuracy / reference[task] if reference[task] > 0 else None
-        tasks[task] = entry
     accuracies = [m.accuracy for m in metrics.values()]
-    normalized = [t["normalized_accuracy"] for t in tasks.values() if t.get("normalized_accuracy") is not None]
-    return {
+    record = {
         **_record_head(job, problem),
         "tasks": tasks,
         "average": float(np.mean(accuracies)),
-        "normalized_average": float(np.mean(normalized)) if len(normalized) == len(tasks) else None,
+        "normalized_average": None,
         **_record_tail(timer, memory, env, problem, notes),
     }
+    return normalize(record, reference) if reference else record
+
+
+def normalize(record: dict[str, Any], reference: Mapping[str, float]) -> dict[str, Any]:
+    """``record`` with each task's accuracy divided by the reference (the `individual` row's) accuracy on that
+    task, and their mean; the driver applies it to the records workers hand back."""
+    for task, entry in record["tasks"].items():
+        entry["normalized_accuracy"] = entry["accuracy"] / reference[task] if reference[task] > 0 else None
+    normalized = [t["normalized_accuracy"] for t in record["tasks"].values() if t["normalized_accuracy"] is not None]
+    record["normalized_average"] = float(np.mean(normalized)) if len(normalized) == len(record["tasks"]) else None
+    return record
 
 
 def build_failed_record(job: Job, problem: MergeProblem, reason: str, timer: PhaseTimer, memory: dict, env: dict,
@@ -369,29 +379,6 @@ def run_job(
     return record
 
 
-def reference_accuracies(
-    problem: MergeProblem, config: RunConfig, suite_params: Any, store: ResultsStore, device, load_seconds, env, seed
-) -> tuple[dict[str, float], dict[str, Any] | None]:
-    """Per-task accuracy of each expert on its own task (the `individual` row), from the store or computed.
-
-    Returns the accuracies and the record when this call computed (and stored) it.
-    """
-    spec = registry.get_method(REFERENCE_FOR_NORMALIZATION)
-    params = registry.build_params(spec.name, spec.params, {})
-    key = record_key(registry.get_suite(config.suite).name, suite_params, spec, params, seed)
-    record = store.get(key)
-    computed = None
-    if record is None:
-        record = computed = run_job(Job(spec, params, seed, key), problem, device, load_seconds, None, env)
-        if not is_failed(record):
-            record = computed = _normalize_reference(record)
-        store.put(record)
-    if is_failed(record):
-        raise BenchError(f"the {spec.name} reference row of seed {seed} failed ({record['reason']}); no method can "
-                         f"be normalized against it: delete {store.path_for(key)} once its cause is fixed")
-    return {task: entry["accuracy"] for task, entry in record["tasks"].items()}, computed
-
-
 def _normalize_reference(record: dict[str, Any]) -> dict[str, Any]:
     for entry in record["tasks"].values():
         entry["normalized_accuracy"] = 1.0 if entry["accuracy"] > 0 else None
@@ -417,20 +404,103 @@ def drop_inapplicable(jobs: list[Job], suite_spec: registry.SuiteSpec, suite_par
     return kept
 
 
+def _reference_key(suite: str, suite_params: Any, seed: int) -> dict[str, Any]:
+    spec = registry.get_method(REFERENCE_FOR_NORMALIZATION)
+    return record_key(suite, suite_params, spec, registry.build_params(spec.name, spec.params, {}), seed)
+
+
+def _task(job: Job, reference: bool = False) -> Task:
+    return Task(job.method.name, tuple(sorted((k, v) for k, v in job.overrides.items())), job.seed,
+                config_hash(job.key), reference)
+
+
+class _Recorder:
+    """The driver's side of an execution: every outcome an executor delivers is written here, and only here."""
+
+    def __init__(self, store: ResultsStore, summary: RunSummary, log: Callable[[str], None], bar: Any) -> None:
+        self.store, self.summary, self.log, self.bar = store, summary, log, bar
+        self.references: dict[int, dict[str, float]] = {}
+        self.written: set[str] = set()
+
+    def deliver(self, task: Task, outcome: Outcome) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"{task.method} seed={task.seed}")
+        if outcome.error is not None:
+            raise BenchError(outcome.error)
+        if outcome.not_applicable is not None:
+            self.summary.not_applicable.append((task.method, outcome.not_applicable))
+            self.log(f"skipped {task.method}: {outcome.not_applicable}")
+            return
+        record = outcome.record
+        assert record is not None and record["config_hash"] == task.config_hash
+        if record["config_hash"] in self.written:  # one record per configuration, whatever an executor retried
+            return
+        if is_failed(record):
+            path = self.store.put(record)
+            inner = ",".join(f"{k}={registry.format_value(v)}" for k, v in sorted(record["variant"].items()))
+            label = f"{task.method}({inner})" if inner else task.method
+            self.summary.failed.append((label, record["reason"]))
+            self.log(f"failed: {label} seed {task.seed}: {record['reason']}; recorded as failed in {path} "
+                     "(--resume will not rerun it; delete that file to rerun it)")
+        else:
+            if task.reference:
+                record = _normalize_reference(record)
+                self.references[task.seed] = {t: entry["accuracy"] for t, entry in record["tasks"].items()}
+            else:
+                record = normalize(record, self.references[task.seed])
+            self.store.put(record)
+        self.written.add(record["config_hash"])
+        self.summary.computed.append(record)
+
+
+def _plan_references(pending: list[Job], suite: str, suite_params: Any, store: ResultsStore,
+                     recorder: _Recorder) -> tuple[list[Task], list[Job]]:
+    """The reference (`individual`) rows to compute first, and the other jobs. A seed's reference comes from the
+    store when recorded and not rerun; every job of a seed needs it, so it runs before them."""
+    reference_tasks: dict[int, Task] = {}
+    others = []
+    for job in pending:
+        if job.method.name == REFERENCE_FOR_NORMALIZATION:
+            reference_tasks[job.seed] = _task(job, reference=True)
+        else:
+            others.append(job)
+    for seed in sorted({job.seed for job in others} - set(reference_tasks)):
+        key = _reference_key(suite, suite_params, seed)
+        record = store.get(key)
+        if record is None:
+            spec = registry.get_method(REFERENCE_FOR_NORMALIZATION)
+            reference_tasks[seed] = _task(Job(spec, None, seed, key), reference=True)
+        elif is_failed(record):
+            raise _failed_reference(seed, record["reason"], store.path_for(key))
+        else:
+            recorder.references[seed] = {task: entry["accuracy"] for task, entry in record["tasks"].items()}
+    return [reference_tasks[seed] for seed in sorted(reference_tasks)], others
+
+
+def _failed_reference(seed: int, reason: str, path: Path) -> BenchError:
+    return BenchError(f"the {REFERENCE_FOR_NORMALIZATION} reference row of seed {seed} failed ({reason}); no method "
+                      f"can be normalized against it: delete {path} once its cause is fixed")
+
+
 def execute(
     config: RunConfig,
     grid: Grid | None = None,
     log: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
+    executor: Executor | None = None,
+    plugins: Sequence[str] = (),
 ) -> RunSummary:
-    """Run every planned job not yet recorded (with --resume) and write its record."""
-    device = resolve_device(config.device)
+    """Run every planned job not yet recorded (with --resume) on ``executor`` (default: this process, one job
+    after another) and write its record; only this function writes records."""
+    executor = executor or InProcessExecutor(config.progress)
     suite_spec = registry.get_suite(config.suite)
     suite_params = registry.build_params("suite", suite_spec.params, config.suite_overrides)
     jobs = plan_jobs(config, suite_params, grid)
     if not config.seeds:
         raise BenchError("--seeds is empty; give at least one seed, e.g. --seeds 0")
+    # The driver's device: where in-process jobs run; other executors' workers resolve --device themselves.
+    device = resolve_device(config.device if executor.in_process else "cpu")
     store = ResultsStore(config.results_dir)
-    store.remove_stale()  # temporaries of killed runs (never those of a live one, e.g. another --jobs worker)
+    store.remove_stale()  # temporaries of killed runs (never those of a live one)
     summary = RunSummary(suite_key={"suite": suite_spec.name, "suite_params": dataclasses.asdict(suite_params)},
                          planned=[config_hash(job.key) for job in jobs])
     if config.resume:
@@ -454,47 +524,35 @@ def execute(
         return summary
     require_directory(config.results_dir, "--results")  # before the suite loads, not at the first record
 
+    # Loaded here once whatever the executor: a missing artefact or mismatched checkpoint fails in one line
+    # before anything is submitted, and an embedded suite is built once, not by each worker at the same time.
     load_timer = PhaseTimer(device)
     problem = load_problem(config, suite_params, load_timer)
-    load_seconds = load_timer.seconds["load"]
-    env = environment(device)
-    references: dict[int, dict[str, float]] = {}
-    shared: dict = {}  # reused across jobs: task-vector stacks, cached teacher logits (see MergeContext.memo)
-    written: set[str] = set()  # config hashes recorded by this execution (the reference row may come early)
-
-    bar = tqdm(pending, desc="methods", unit="run", disable=not config.progress, file=sys.stderr)
-    for job in bar:
-        bar.set_postfix_str(f"{job.method.name} seed={job.seed}")
-        if config_hash(job.key) in written:
-            continue
-        if job.method.name == REFERENCE_FOR_NORMALIZATION:
-            reference = None
-        else:
-            if job.seed not in references:
-                references[job.seed], reference_record = reference_accuracies(
-                    problem, config, suite_params, store, device, load_seconds, env, job.seed
-                )
-                if reference_record is not None:
-                    written.add(reference_record["config_hash"])
-                    summary.computed.append(reference_record)
-            reference = references[job.seed]
-        try:
-            record = run_job(job, problem, device, load_seconds, reference, env, config.progress, shared)
-        except MethodNotApplicable as reason:
-            summary.not_applicable.append((job.method.name, str(reason)))
-            log(f"skipped {job.method.name}: {reason}")
-            continue
-        if is_failed(record):
-            path = store.put(record)
-            inner = ",".join(f"{k}={registry.format_value(v)}" for k, v in sorted(record["variant"].items()))
-            label = f"{job.method.name}({inner})" if inner else job.method.name
-            summary.failed.append((label, record["reason"]))
-            log(f"failed: {label} seed {job.seed}: {record['reason']}; recorded as failed in {path} "
-                "(--resume will not rerun it; delete that file to rerun it)")
-        else:
-            if reference is None:
-                record = _normalize_reference(record)
-            store.put(record)
-        written.add(record["config_hash"])
-        summary.computed.append(record)
+    setting = Setting.of(config, plugins)
+    if executor.in_process:
+        execution.adopt(setting, config, problem, suite_params, device, load_timer.seconds["load"])
+    del problem
+    bar = tqdm(total=0, desc="runs", unit="run", disable=not config.progress, file=sys.stderr)
+    recorder = _Recorder(store, summary, log, bar)
+    try:
+        references, others = _plan_references(pending, suite_spec.name, suite_params, store, recorder)
+        bar.total = len(references) + len(others)
+        bar.refresh()
+        executor.start(setting)
+        if not executor.in_process:
+            log(f"running {bar.total} job(s) on {executor.describe()}")
+        if references:
+            executor.run(setting, references, recorder.deliver)
+            for task in references:
+                if task.seed not in recorder.references and any(job.seed == task.seed for job in others):
+                    key = _reference_key(suite_spec.name, suite_params, task.seed)
+                    record = store.get(key)
+                    raise _failed_reference(task.seed, record["reason"] if record else "no record",
+                                            store.path_for(key))
+        executor.run(setting, [_task(job) for job in others], recorder.deliver)
+    finally:
+        executor.stop()
+        bar.close()
+        if executor.in_process:
+            execution.release()
     return summary

@@ -16,7 +16,7 @@ import fixtures_vision as fv
 import pytest
 from test_custom_suite import VALID, save_tiny_causal_lm
 
-from bench.cli import build_parser, main, worker_argv
+from bench.cli import build_parser, main, run_config
 from bench.errors import BenchError
 from bench.registry import build_params, get_suite
 from bench.store import ResultsStore
@@ -273,10 +273,15 @@ def test_trust_task_code_on_a_suite_without_task_yamls_says_so(tmp_path, capsys)
                    "code; drop the flag\n")
 
 
-def test_seed_workers_get_the_flag(tmp_path):
-    args = build_parser().parse_args(["sweep", "--suite", "x.toml", "--param", "ties.k=10,20", "--seeds", "0,1",
-                                      "--jobs", "2", "--trust-task-code"])
-    assert "--trust-task-code" in worker_argv(args, [1])
+def test_workers_get_the_flag(tmp_path):
+    """Workers (a --jobs pool, Ray) rebuild the suite configuration from the driver's Setting: the trust flag is
+    one of its suite parameters, so a worker loads the suite with it."""
+    from bench.execution import Setting
+
+    args = build_parser().parse_args(["run", "--suite", "llm-mergebench", "--jobs", "2", "--trust-task-code"])
+    setting = Setting.of(run_config(args, ["pretrained"]))
+    spec = get_suite(setting.suite)
+    assert build_params("suite", spec.params, dict(setting.suite_overrides)).trust_task_code is True
 
 
 def test_task_code_scan_reads_tags_not_text(tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,6 @@ from suites import tiny8
 from suites._clip_classification import load_or_build_artifacts, read_artifacts, write_artifacts
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="process groups, pipes and pids as on POSIX")
-linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
 
 @pytest.fixture(scope="module")
@@ -52,18 +50,6 @@ def alive(pid: int) -> bool:
     except OSError:
         return True
     return stat[stat.rindex(")") + 2] not in "ZX"
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        if int(text[text.rindex(")") + 2 :].split()[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -163,7 +149,7 @@ def test_artefacts_come_back_in_the_order_of_their_names(tmp_path: Path) -> None
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Defect 7: --jobs workers end with their parent
+# Defect 7: --jobs workers end with their parent (tests/test_executors.py, with the pool that replaced them)
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -174,55 +160,6 @@ def wait_for(condition, timeout: float, interval: float = 0.05) -> bool:
             return True
         time.sleep(interval)
     return condition()
-
-
-@linux_only
-def test_jobs_workers_end_when_the_parent_is_killed(tmp_path: Path, plugin_env: dict) -> None:
-    results = tmp_path / "results"
-    argv = [sys.executable, "-m", "bench", "run", "--suite", "toy", "--set", "suite.eval_delay=0.5",
-            "--methods", "pretrained,weight_averaging,task_arithmetic,ties", "--seeds", "0,1", "--jobs", "2",
-            "--results", str(results), "--out", str(tmp_path / "reports"), "--no-progress"]
-    with open(tmp_path / "stderr.txt", "w") as stderr:
-        parent = subprocess.Popen(argv, env=plugin_env, stdout=subprocess.DEVNULL, stderr=stderr)
-    try:
-        # both workers started and computing: a record is written (each run takes 3 tasks x 0.5 s; 5 per worker)
-        assert wait_for(lambda: len(children(parent.pid)) == 2 and any(results.rglob("*.json")), 120), \
-            (tmp_path / "stderr.txt").read_text()
-        workers = children(parent.pid)
-    finally:
-        parent.send_signal(signal.SIGKILL)
-        parent.wait()
-    try:
-        assert wait_for(lambda: not any(alive(pid) for pid in workers), 5), "workers outlived their killed parent"
-        written = sorted(results.rglob("*"))
-        assert len([p for p in written if p.suffix == ".json"]) < 10, "the kill must land before the workers finish"
-        time.sleep(2.0)  # longer than one evaluated run: a surviving worker would have written another record
-        assert sorted(results.rglob("*")) == written
-    finally:
-        for pid in workers:  # only when the test fails: never leave the workers it started running
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-
-
-@posix_only
-def test_the_pipe_alone_ends_a_worker_whose_parent_is_killed(tmp_path: Path, plugin_env: dict) -> None:
-    """The portable fallback, without Linux's parent-death signal: the worker watches a pipe from its parent."""
-    worker_args = ["run", "--suite", "toy", "--set", "suite.eval_delay=5", "--methods", "pretrained", "--seeds", "0",
-                   "--results", str(tmp_path / "results"), "--no-progress", "--no-report"]
-    script = ("import sys, time\nfrom bench.lifeline import Worker\n"
-              f"worker = Worker({worker_args!r}, pdeathsig=False)\n"
-              "print(worker.pid, flush=True)\ntime.sleep(600)\n")
-    parent = subprocess.Popen([sys.executable, "-c", script], env=plugin_env, stdout=subprocess.PIPE, text=True)
-    try:
-        worker = int(parent.stdout.readline())
-        time.sleep(3)  # let the worker get going (its runs take 15 s each)
-        assert alive(worker)
-    finally:
-        parent.kill()
-        parent.wait()
-        parent.stdout.close()
-    assert wait_for(lambda: not alive(worker), 10), "the worker outlived its killed parent"
-    assert not list((tmp_path / "results").rglob("*.json"))
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -132,7 +132,7 @@ def test_jobs_split_seeds_over_worker_processes_with_the_same_records(tmp_path, 
 
     run(tmp_path / "serial")
     parallel = run(tmp_path / "parallel", "--jobs", "2")
-    assert "running seeds in 2 worker processes: 0,2; 1" in parallel.err
+    assert "running 12 job(s) on 2 local worker processes" in parallel.err
     assert "ties" in parallel.out  # the leaderboard is printed once all workers finished
 
     def numbers(results):
@@ -147,7 +147,7 @@ def test_jobs_must_be_positive(tmp_path, capsys):
     from bench.cli import main
 
     assert main(["run", "--suite", "toy", "--jobs", "0", "--results", str(tmp_path)]) == 2
-    expected = "bench: error: --jobs 0: give at least 1 (worker processes, one seed group each)\n"
+    expected = "bench: error: --jobs 0: give at least 1 (local worker processes)\n"
     assert capsys.readouterr().err == expected
     assert main(["run", "--suite", "toy", "--jobs", "2", "--seeds", "0,1", "--methods", "tie",
                  "--results", str(tmp_path)]) == 2
