@@ -448,7 +448,7 @@ VALUE = st.one_of(NUMBER_TEXT, TEXT)
 PLANS: list = []
 
 
-def planning_only(config, grid=None, log=None):
+def planning_only(config, grid=None, log=None, executor=None, plugins=()):
     """`execute` up to its plan: what the runner would run, nothing loaded or computed."""
     from bench.runner import RunSummary, plan_jobs
 
