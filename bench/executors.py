@@ -99,7 +99,13 @@ class PoolExecutor(Executor):
 
     def start(self, setting: Setting) -> None:
         import multiprocessing
+        import sys
 
+        # Workers killed on Ctrl-C leave the pool's queue semaphores to multiprocessing's resource tracker, which
+        # frees them and warns about each; the tracker is started with this process's warning options.
+        quiet = "ignore:resource_tracker:UserWarning"
+        if quiet not in sys.warnoptions:
+            sys.warnoptions.append(quiet)
         self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
                                          initializer=_pool_worker_start, initargs=(os.getpid(),))
 
