@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from bench.problem import StateDict
+from bench.task_vectors import mergeable_keys
 
 GRANULARITIES = ("task", "layer")
 
@@ -28,11 +29,12 @@ class TaskVectorStack:
 
     def __init__(self, base: Mapping[str, Tensor], experts: Sequence[Mapping[str, Tensor]],
                  device: torch.device | str = "cpu"):
-        # Sorted: gradients summed over keys (task-wise λ) must not depend on the order a loader handed the
-        # tensors over in (safetensors' load_file, for one, varies it from process to process).
-        self.keys = sorted(base)
+        # The keys every merge merges (floating point, sorted: gradients summed over keys, task-wise λ, must not
+        # depend on the order a loader handed the tensors over in); integer buffers stay the base's.
+        self.keys = mergeable_keys(base)
         self.num_tasks = len(experts)
         self.base = {k: base[k].detach().to(device) for k in self.keys}
+        self.fixed = {k: base[k].detach().to(device) for k in base if k not in self.base}
         # Built key by key, so experts read from files are never held whole; kept in the base's dtype.
         self.stack = {
             k: torch.stack([expert[k].detach().to(device=device, dtype=self.base[k].dtype) - self.base[k]
@@ -43,7 +45,7 @@ class TaskVectorStack:
     @property
     def nbytes(self) -> int:
         """Bytes held on the device: θ0 and the K stacked task vectors."""
-        tensors = [*self.base.values(), *self.stack.values()]
+        tensors = [*self.base.values(), *self.fixed.values(), *self.stack.values()]
         return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
     @property
@@ -60,7 +62,7 @@ class TaskVectorStack:
 
     def merge(self, lambdas: Tensor) -> StateDict:
         """θ(λ), differentiable in ``lambdas`` ([K] task-wise or [K, P] layer-wise)."""
-        merged = {}
+        merged = dict(self.fixed)
         for index, key in enumerate(self.keys):
             coefficients = lambdas if lambdas.dim() == 1 else lambdas[:, index]
             base = self.base[key]

@@ -52,6 +52,9 @@ class MergeProblem(abc.ABC):
     # Torch threads for a job on the CPU (None: torch's default). Tiny models run fastest on one thread, and
     # multi-threaded torch slows down many-fold when another process holds a core.
     cpu_threads: int | None = None
+    # 2-D parameters (fnmatch patterns) that the SVD-based methods merge as plain vectors rather than matrices:
+    # the CLIP suites name the text projection, as the TSV and Iso reference code treat it.
+    vector_params: tuple[str, ...] = ()
 
     @abc.abstractmethod
     def pretrained(self) -> Mapping[str, Tensor]:

@@ -23,7 +23,7 @@ import importlib
 import math
 import pkgutil
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +60,21 @@ def param(
     return dataclasses.field(
         default=default, metadata={"help": help, "choices": choices, "low": low, "high": high, "finite": finite}
     )
+
+
+def require_choice(method: str, name: str, value: object, choices: Sequence[object]) -> None:
+    """ValueError for a hyperparameter outside its choices, saying what to set instead."""
+    if value not in choices:
+        options = "|".join(str(choice) for choice in choices)
+        raise ValueError(
+            f"{method}.{name}={value!r} is not one of {options}; e.g. --set {method}.{name}={choices[0]}"
+        )
+
+
+def require_range(method: str, name: str, value: float, low: float | None, high: float | None) -> None:
+    """ValueError for a hyperparameter outside the closed range [low, high] (NaN is in no range)."""
+    if value != value or (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{method}.{name}={value} is outside [{low}, {high}]; pick a value in that range")
 
 
 @dataclass(frozen=True)

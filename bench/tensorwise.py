@@ -34,9 +34,9 @@ import torch
 from torch import Tensor
 
 from bench.errors import BenchError
-from bench.merge_ops import check_experts, mergeable_keys, start_output, work_dtype
 from bench.model_pool import KeyReader
 from bench.problem import StateDict
+from bench.task_vectors import check_experts, mergeable_keys, start_output, work_dtype
 
 
 @dataclass

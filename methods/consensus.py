@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from bench.merge_ops import PlainTaskVectors, check_experts, merge_blockwise, require_range
 from bench.problem import MergeContext, StateDict
-from bench.registry import param, register_method
+from bench.registry import param, register_method, require_range
+from bench.task_vectors import PlainTaskVectors, check_experts, merge_blockwise
 
 
 @dataclass(frozen=True)

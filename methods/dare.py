@@ -34,22 +34,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bench.merge_ops import (
+from bench.buffers import Scratch
+from bench.problem import MergeContext, StateDict
+from bench.registry import param, register_method, require_choice, require_range
+from bench.task_vectors import (
     BLOCK_COLUMNS,
-    TIES_MERGES,
-    TRIM_SCOPES,
     PlainTaskVectors,
-    Scratch,
     check_experts,
     column_blocks,
     merge_summed,
-    require_choice,
-    require_range,
-    ties_merge_task_vectors,
     work_dtype,
 )
-from bench.problem import MergeContext, StateDict
-from bench.registry import param, register_method
+from methods.ties import TIES_MERGES, TRIM_SCOPES, ties_merge_task_vectors
 
 RESCALES = ("inverse_keep", "l1", "none")
 
@@ -108,7 +104,7 @@ class KeepMasks:
 
 
 class DareTaskVectors:
-    """τ̃_i block by block (a :class:`bench.merge_ops.TaskVectorSource`): plain τ_i, masked, rescaled."""
+    """τ̃_i block by block (a :class:`bench.task_vectors.TaskVectorSource`): plain τ_i, masked, rescaled."""
 
     def __init__(
         self, base: StateDict, experts: Sequence[StateDict], *, p: float, rescale: str, seed: int

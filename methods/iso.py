@@ -1,7 +1,7 @@
 """Isotropic merging (Marczak et al. 2025, *No Task Left Behind: Isotropic Model Merging with Common and
 Task-Specific Subspaces*): Iso-C (Sec. 4.1) and Iso-CTS (Sec. 4.2).
 
-For every matrix parameter (:func:`bench.merge_ops.is_matrix_param`), with M = Σ_i τ_i = U S Vᵀ and
+For every matrix parameter (:func:`bench.task_vectors.is_matrix_param`), with M = Σ_i τ_i = U S Vᵀ and
 r = min(rows, cols):
 
 - Iso-C: Δ = mean(S) · U Vᵀ — the task-arithmetic matrix with a flat (isotropic) spectrum.
@@ -25,9 +25,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bench.merge_ops import isotropic, polar_factor, require_range, svd_merge, task_vector
 from bench.problem import MergeContext, StateDict
-from bench.registry import param, register_method
+from bench.registry import param, register_method, require_range
+from bench.task_vectors import task_vector
+from bench.tensorwise import merge_tensorwise
+from methods.tsv import polar_factor, spectral_merge
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,12 @@ class IsoCtsParams:
 
     def __post_init__(self) -> None:
         require_range("iso_cts", "common_space_fraction", self.common_space_fraction, 0.0, 1.0)
+
+
+def isotropic(matrix: Tensor) -> Tensor:
+    """``matrix`` with all its singular values replaced by their mean: mean(S) · U Vᵀ."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return (u * s.mean()) @ vh
 
 
 def summed_task_vector(
@@ -96,15 +104,16 @@ def iso_cts_matrix(
 
 
 def iso_c_merge(
-    base: StateDict, experts: Sequence[StateDict], *, alpha: float, device: torch.device | str = "cpu"
+    base: StateDict,
+    experts: Sequence[StateDict],
+    *,
+    alpha: float,
+    device: torch.device | str = "cpu",
+    vector_params: Sequence[str] = (),
 ) -> StateDict:
-    return svd_merge(
-        base,
-        experts,
-        lambda _name, base_tensor, expert_tensors: iso_c_matrix(base_tensor, expert_tensors, device),
-        scaling=alpha,
-        device=device,
-    )
+    return merge_tensorwise(base, experts, spectral_merge(
+        lambda base_tensor, expert_tensors: iso_c_matrix(base_tensor, expert_tensors, device), alpha, device,
+        vector_params))
 
 
 def iso_cts_merge(
@@ -114,16 +123,11 @@ def iso_cts_merge(
     alpha: float,
     common_space_fraction: float,
     device: torch.device | str = "cpu",
+    vector_params: Sequence[str] = (),
 ) -> StateDict:
-    return svd_merge(
-        base,
-        experts,
-        lambda _name, base_tensor, expert_tensors: iso_cts_matrix(
-            base_tensor, expert_tensors, device, common_space_fraction
-        ),
-        scaling=alpha,
-        device=device,
-    )
+    return merge_tensorwise(base, experts, spectral_merge(
+        lambda base_tensor, expert_tensors: iso_cts_matrix(base_tensor, expert_tensors, device,
+                                                           common_space_fraction), alpha, device, vector_params))
 
 
 @register_method(
@@ -133,7 +137,8 @@ def iso_cts_merge(
     description="Task arithmetic with each layer's spectrum flattened to its mean (Marczak et al. 2025)",
 )
 def merge_iso_c(ctx: MergeContext, p: IsoCParams) -> StateDict:
-    return iso_c_merge(ctx.pretrained(), ctx.experts(), alpha=p.alpha, device=ctx.device)
+    return iso_c_merge(ctx.pretrained(), ctx.experts(), alpha=p.alpha, device=ctx.device,
+                       vector_params=ctx.problem.vector_params)
 
 
 @register_method(
@@ -149,4 +154,5 @@ def merge_iso_cts(ctx: MergeContext, p: IsoCtsParams) -> StateDict:
         alpha=p.alpha,
         common_space_fraction=p.common_space_fraction,
         device=ctx.device,
+        vector_params=ctx.problem.vector_params,
     )

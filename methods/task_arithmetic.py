@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bench.merge_ops import PlainTaskVectors, check_experts, merge_summed
 from bench.problem import MergeContext, StateDict
 from bench.registry import param, register_method
+from bench.task_vectors import PlainTaskVectors, check_experts, merge_summed
 
 
 @dataclass(frozen=True)

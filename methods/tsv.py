@@ -1,7 +1,8 @@
 """TSV-M: Task Singular Vectors merging (Gargiulo et al. 2025, *Task Singular Vectors: Reducing Task
 Interference in Model Merging*, Sec. 4 / Eq. 8-10).
 
-For every matrix parameter (:func:`bench.merge_ops.is_matrix_param`: 2-D, not ``*text_projection*``), with
+For every matrix parameter (:func:`bench.task_vectors.is_matrix_param`: 2-D, not one the suite names as a
+vector, e.g. CLIP's ``*text_projection*``), with
 r = min(rows, cols) and c = ⌊r / K⌋:
 
     τ_i = U_i S_i V_iᵀ                       (thin SVD of each task's update)
@@ -19,20 +20,48 @@ SVDs run on ``device`` (the run's device) in fp32 (fp64 stays fp64); the result 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from bench.merge_ops import polar_factor, svd_merge, task_vector
 from bench.problem import MergeContext, StateDict
 from bench.registry import param, register_method
+from bench.task_vectors import is_matrix_param, mean_task_vector, task_vector
+from bench.tensorwise import TensorInputs, merge_tensorwise
 
 
 @dataclass(frozen=True)
 class TsvParams:
     alpha: float = param(1.0, "α in θ0 + α Δ")
+
+
+def polar_factor(matrix: Tensor) -> Tensor:
+    """The orthogonal factor U Vᵀ of ``matrix = U S Vᵀ`` (thin SVD): the nearest matrix with orthonormal
+    columns (or rows), used to decorrelate concatenated singular vectors."""
+    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u @ vh
+
+
+def spectral_merge(
+    matrix_delta: Callable[[Tensor, Sequence[Tensor]], Tensor],
+    scaling: float,
+    device: torch.device | str,
+    vector_params: Sequence[str],
+) -> Callable[[TensorInputs], Tensor]:
+    """The per-tensor function of TSV-M and Iso-C/CTS: θ = θ0 + scaling · Δ, with Δ = ``matrix_delta(θ0, θ_i's)``
+    (on ``device``) for matrix parameters (:func:`bench.task_vectors.is_matrix_param`) and mean_i τ_i for every
+    other floating-point tensor (the reference code's rule)."""
+
+    def merge_tensor(inputs: TensorInputs) -> Tensor:
+        if is_matrix_param(inputs.key, inputs.base, vector_params):
+            delta = matrix_delta(inputs.base, inputs.experts).to(device="cpu")
+        else:
+            delta = mean_task_vector(inputs.base, inputs.experts)
+        return inputs.base + scaling * delta
+
+    return merge_tensor
 
 
 def tsv_matrix(base_tensor: Tensor, expert_tensors: Sequence[Tensor], device: torch.device | str) -> Tensor:
@@ -53,16 +82,17 @@ def tsv_matrix(base_tensor: Tensor, expert_tensors: Sequence[Tensor], device: to
 
 
 def tsv_merge(
-    base: StateDict, experts: Sequence[StateDict], *, alpha: float, device: torch.device | str = "cpu"
+    base: StateDict,
+    experts: Sequence[StateDict],
+    *,
+    alpha: float,
+    device: torch.device | str = "cpu",
+    vector_params: Sequence[str] = (),
 ) -> StateDict:
     """θ0 + α Δ with Δ from :func:`tsv_matrix` on matrices and the mean task vector elsewhere."""
-    return svd_merge(
-        base,
-        experts,
-        lambda _name, base_tensor, expert_tensors: tsv_matrix(base_tensor, expert_tensors, device),
-        scaling=alpha,
-        device=device,
-    )
+    return merge_tensorwise(base, experts, spectral_merge(
+        lambda base_tensor, expert_tensors: tsv_matrix(base_tensor, expert_tensors, device), alpha, device,
+        vector_params))
 
 
 @register_method(
@@ -72,4 +102,5 @@ def tsv_merge(
     description="Top 1/K singular components of each task, decorrelated and summed (Gargiulo et al. 2025)",
 )
 def merge(ctx: MergeContext, p: TsvParams) -> StateDict:
-    return tsv_merge(ctx.pretrained(), ctx.experts(), alpha=p.alpha, device=ctx.device)
+    return tsv_merge(ctx.pretrained(), ctx.experts(), alpha=p.alpha, device=ctx.device,
+                     vector_params=ctx.problem.vector_params)

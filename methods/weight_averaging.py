@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bench.merge_ops import (
-    Scratch,
+from bench.buffers import Scratch
+from bench.problem import MergeContext, StateDict
+from bench.registry import NoParams, register_method
+from bench.task_vectors import (
     check_experts,
     column_blocks,
     flat,
@@ -19,8 +21,6 @@ from bench.merge_ops import (
     start_output,
     work_dtype,
 )
-from bench.problem import MergeContext, StateDict
-from bench.registry import NoParams, register_method
 
 
 def weight_average(base: StateDict, experts: Sequence[StateDict]) -> StateDict:

@@ -279,6 +279,8 @@ class ClipClassificationProblem(MergeProblem):
     ~50x slower instead of faster.
     """
 
+    vector_params = ("*text_projection*",)  # merged as a vector by the SVD methods (TSV, Iso reference code)
+
     def __init__(
         self,
         *,

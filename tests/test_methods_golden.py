@@ -16,20 +16,15 @@ import pytest
 import torch
 from torch import Tensor
 
-from bench.merge_ops import (
-    keep_count,
-    kth_largest,
-    kth_largest_rows,
-    polar_factor,
-)
 from bench.problem import MergeContext, StateDict
 from bench.registry import build_params, get_method
+from bench.selection import keep_count, kth_largest, kth_largest_rows
 from methods.consensus import ConsensusParams, consensus_mask, consensus_merge
 from methods.dare import DareTaParams, DareTiesParams, dare_ta_merge, dare_ties_merge
 from methods.iso import IsoCtsParams, iso_c_merge, iso_cts_merge, subspace_sizes
 from methods.task_arithmetic import task_arithmetic_merge
 from methods.ties import TiesParams, ties_merge
-from methods.tsv import tsv_merge
+from methods.tsv import polar_factor, tsv_merge
 from methods.weight_averaging import weight_average
 
 
@@ -476,7 +471,7 @@ def test_kth_largest_on_a_large_model_sized_input_and_other_dtypes() -> None:
 
 
 def test_kth_largest_survives_a_misleading_sample_and_a_crowded_band() -> None:
-    from bench.merge_ops import TensorChunks
+    from bench.selection import TensorChunks
 
     class MisleadingSample(TensorChunks):
         """The sample only places the search band, so a biased one must cost passes, never exactness."""
@@ -494,7 +489,7 @@ def test_kth_largest_survives_a_misleading_sample_and_a_crowded_band() -> None:
 
 
 def test_kth_largest_rows_and_bad_k() -> None:
-    from bench.merge_ops import TensorChunks
+    from bench.selection import TensorChunks
 
     values = t(5, 1, 4, 1, 3)
     assert kth_largest_rows(TensorChunks([values]), [2]) == [4.0]
