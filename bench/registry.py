@@ -19,13 +19,15 @@ Suites register the same way with :func:`register_suite`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
-import math
 import pkgutil
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
+
+import pydantic
 
 from bench.errors import BenchError, unknown_name_error
 
@@ -121,39 +123,56 @@ def param_infos(params_cls: type) -> list[ParamInfo]:
     return infos
 
 
+@functools.cache
+def _adapters(info: ParamInfo) -> tuple[pydantic.TypeAdapter, pydantic.TypeAdapter]:
+    """The field's pydantic validators: its type alone, and its type with every declared constraint (bounds,
+    finiteness, choices), both from the one declaration in :func:`param`."""
+    constraints: dict[str, Any] = {}
+    if info.low is not None:
+        constraints["ge"] = info.low
+    if info.high is not None:
+        constraints["le"] = info.high
+    if info.type is float:
+        constraints["allow_inf_nan"] = not info.finite
+    checks: list[Any] = [pydantic.Field(**constraints)]
+    if info.choices is not None:
+        choices = info.choices
+
+        def among_choices(value: Any) -> Any:
+            if value not in choices:
+                raise ValueError("not a choice")
+            return value
+
+        checks.append(pydantic.AfterValidator(among_choices))
+    config = pydantic.ConfigDict(coerce_numbers_to_str=True)
+    return (pydantic.TypeAdapter(info.type, config=config),
+            pydantic.TypeAdapter(Annotated[(info.type, *checks)], config=config))
+
+
 def parse_value(owner: str, info: ParamInfo, raw: Any) -> Any:
-    """Convert a command-line string (or an already-typed value) to the field's type and check it."""
+    """Convert a command-line string (or an already-typed value) to the field's type and check its declared
+    constraints (pydantic validates; its errors become the one-line messages below)."""
     where = f"{owner}.{info.name}"
+    plain, constrained = _adapters(info)
     try:
-        if info.type is bool:
-            if isinstance(raw, bool):
-                value = raw
-            else:
-                lowered = str(raw).strip().lower()
-                if lowered not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError
-                value = lowered in ("true", "1", "yes")
-        elif info.type is int:
-            if isinstance(raw, float) and not raw.is_integer():
-                raise ValueError
-            value = int(raw) if not isinstance(raw, str) else int(raw.strip())
-        elif info.type is float:
-            value = float(raw)
-        else:
-            value = info.type(raw)
-    except (TypeError, ValueError):
-        raise BenchError(
-            f"{where}={raw!r} is not a valid {info.type.__name__}; default is {format_value(info.default)}"
-        ) from None
-    if info.finite and isinstance(value, float) and not math.isfinite(value):
+        return constrained.validate_python(raw)
+    except pydantic.ValidationError as exc:
+        kind = exc.errors()[0]["type"]
+    try:
+        value = plain.validate_python(raw)
+    except pydantic.ValidationError:
+        value = None
+    if kind == "finite_number":
         raise BenchError(f"{where}={format_value(value)} is not a finite number; default is "
-                         f"{format_value(info.default)}")
-    if info.choices is not None and value not in info.choices:
+                         f"{format_value(info.default)}") from None
+    if kind == "value_error" and info.choices is not None:
         options = "|".join(str(c) for c in info.choices)
-        raise BenchError(f"{where}={format_value(value)} is not one of {options}")
-    if (info.low is not None and value < info.low) or (info.high is not None and value > info.high):
-        raise BenchError(f"{where}={format_value(value)} is outside [{info.low}, {info.high}]")
-    return value
+        raise BenchError(f"{where}={format_value(value)} is not one of {options}") from None
+    if kind in ("greater_than_equal", "less_than_equal"):
+        raise BenchError(f"{where}={format_value(value)} is outside [{info.low}, {info.high}]") from None
+    raise BenchError(
+        f"{where}={raw!r} is not a valid {info.type.__name__}; default is {format_value(info.default)}"
+    ) from None
 
 
 def build_params(owner: str, params_cls: type, overrides: Mapping[str, Any]) -> Any:
