@@ -1,11 +1,13 @@
-"""The bring-your-own suite file: its schema (typed dataclasses whose field metadata drive validation) and
-:func:`read_suite_file`, which reads a TOML file into a checked :class:`SuiteFile` or fails with one line naming
-the file, the key and the fix. :mod:`suites.custom` builds suites from it.
+"""The bring-your-own suite file: its schema (typed dataclasses whose field types and metadata drive validation,
+pydantic checking each value) and :func:`read_suite_file`, which reads a TOML file into a checked
+:class:`SuiteFile` or fails with one line naming the file, the key and the fix. :mod:`suites.custom` builds
+suites from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -14,7 +16,9 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+import pydantic
 
 from bench.errors import BenchError, close_matches
 
@@ -278,17 +282,28 @@ def _values(cls: type, table: Mapping[str, Any], source: str, section: str, kind
     return values
 
 
+NonEmptyStr = Annotated[str, pydantic.Field(strict=True, min_length=1)]
+SCHEMA_TYPES: dict[Any, Any] = {  # a field's type -> what TOML must give for it (strict: no coercion)
+    str: Annotated[str, pydantic.Field(strict=True)],
+    int: Annotated[int, pydantic.Field(strict=True, ge=0)],
+    tuple[str, ...]: Annotated[tuple[NonEmptyStr, ...], pydantic.Field(min_length=1)],
+}
+
+
+@functools.cache
+def _adapter(hint: Any) -> pydantic.TypeAdapter:
+    return pydantic.TypeAdapter(SCHEMA_TYPES[hint])
+
+
 def _typed(hint: Any, value: Any, source: str, where: str, example: str) -> Any:
-    if hint is str and isinstance(value, str):
-        return value
-    if hint is int and isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            raise BenchError(f"{source}: {where} = {value} must not be negative; e.g. {where.split('.')[-1]} = "
-                             f"{example}")
-        return value
-    if typing.get_origin(hint) is tuple and isinstance(value, list) and value and all(
-            isinstance(item, str) and item for item in value):
-        return tuple(value)
+    """``value`` as the field's type (validated by pydantic), or the one-line error saying what to write."""
+    try:
+        return _adapter(hint).validate_python(value)
+    except pydantic.ValidationError as exc:
+        negative = exc.errors()[0]["type"] == "greater_than_equal"
+    if negative:
+        raise BenchError(f"{source}: {where} = {value} must not be negative; e.g. {where.split('.')[-1]} = "
+                         f"{example}")
     what = {str: "a string", int: "an integer"}.get(hint, "a non-empty list of strings")
     raise BenchError(f"{source}: {where} must be {what}, not {_toml(value)}; e.g. {where.split('.')[-1]} = "
                      f"{example}")
