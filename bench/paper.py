@@ -14,9 +14,10 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pandas as pd
+import pydantic
 
 from bench import report
 from bench.errors import BenchError, close_matches
@@ -29,11 +30,6 @@ else:  # pragma: no cover - Python 3.10 reads the spec with the tomli backport
     except ModuleNotFoundError:
         tomllib = None
 
-TOP_KEYS = ("results", "out", "suites", "methods", "leaderboard", "cost", "sweeps", "ablations")
-LEADERBOARD_KEYS = ("table", "figure", "heatmap", "pareto")
-COST_KEYS = ("table",)
-SWEEP_KEYS = ("params", "x_label", "metric", "variants", "table", "figure")
-ABLATION_KEYS = ("method", "param", "across", "x_label", "table", "figure")
 METRICS = {"average": "average", "normalized": "normalized_average"}
 ROW_PATTERN = re.compile(r"^(?P<name>[A-Za-z0-9_]+)(\((?P<inner>[^()]*)\))?$")
 
@@ -100,25 +96,106 @@ def load_spec(path: Path | str) -> PaperSpec:
     return parse_spec(data, str(path))
 
 
+# The spec's structure, declared once: pydantic checks every key and type (strict: no coercion); its first error
+# becomes the one-line message of :func:`_structure_error`. Meaning (known methods, parameters, output names) is
+# checked after.
+class _Table(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+Names = Annotated[list[Annotated[str, pydantic.Field(min_length=1)]], pydantic.BeforeValidator(
+    lambda value: [value] if isinstance(value, str) else value)]
+
+
+class _LeaderboardOutputs(_Table):
+    table: str | None = None
+    figure: str | None = None
+    heatmap: str | None = None
+    pareto: str | None = None
+
+
+class _CostOutputs(_Table):
+    table: str | None = None
+
+
+class _Sweep(_Table):
+    params: Names = []
+    x_label: str | None = None
+    metric: str = "average"
+    variants: bool = False
+    table: str | None = None
+    figure: str | None = None
+
+
+class _Ablation(_Table):
+    method: str
+    param: str
+    across: str | None = None
+    x_label: str | None = None
+    table: str | None = None
+    figure: str | None = None
+
+
+class _SpecFile(_Table):
+    results: str = "results"
+    out: str = "reports/paper"
+    suites: Names = []
+    methods: str | list[str] = "all"
+    leaderboard: _LeaderboardOutputs = _LeaderboardOutputs()
+    cost: _CostOutputs = _CostOutputs()
+    sweeps: list[_Sweep] = []
+    ablations: list[_Ablation] = []
+
+
+SECTIONS = {"leaderboard": _LeaderboardOutputs, "cost": _CostOutputs, "sweeps": _Sweep, "ablations": _Ablation}
+TOP_KEYS = tuple(_SpecFile.model_fields)
+
+
+def _structure_error(error: Any, source: str) -> BenchError:
+    """The one line for pydantic's first error about the spec's structure."""
+    loc, kind = list(error["loc"]), error["type"]
+    section = loc[0] if loc else ""
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    if kind == "extra_forbidden":
+        model = SECTIONS.get(section, _SpecFile) if len(loc) > 1 else _SpecFile
+        allowed = list(model.model_fields)
+        matches = close_matches(str(loc[-1]), allowed)
+        hint = f"did you mean: {', '.join(matches)}?" if matches else f"known: {', '.join(allowed)}"
+        return BenchError(f"{source}: unknown key '{where}'; {hint}")
+    if section in ("leaderboard", "cost") and len(loc) == 1:
+        return BenchError(f"{source}: [{section}] must be a table of output names")
+    if section in ("sweeps", "ablations") and len(loc) <= 2:
+        return BenchError(f"{source}: {section} must be an array of tables ([[{section}]])")
+    if section == "suites" or (section == "sweeps" and loc[2:3] == ["params"]):
+        names = "suites" if section == "suites" else f"sweeps[{loc[1]}].params"
+        return BenchError(f"{source}: {names} must be a list of names, e.g. [\"a\", \"b\"]")
+    if section == "methods":
+        return BenchError(f"{source}: methods must be \"all\" or a list of rows, e.g. [\"ties\", \"samerging(rho=0)\"]")
+    if kind == "missing":
+        return BenchError(f"{source}: {where} is required (a name)")
+    if loc[-1] == "variants":
+        return BenchError(f"{source}: {where} must be true or false")
+    return BenchError(f"{source}: {where} must be a string, not {error['input']!r}")
+
+
 def parse_spec(data: dict[str, Any], source: str = "spec") -> PaperSpec:
     from bench import registry
 
+    try:
+        parsed = _SpecFile.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise _structure_error(exc.errors()[0], source) from None
     known_methods = registry.methods()
-    _check_keys(data, TOP_KEYS, source, "")
-    suites = _string_list(data, "suites", source, "")
-    if not suites:
+    if not parsed.suites:
         raise BenchError(f"{source}: 'suites' must name at least one suite, e.g. suites = [\"tiny8\"]")
-    methods = _methods(data.get("methods", "all"), known_methods, source)
-    leaderboard = _section(data, "leaderboard", LEADERBOARD_KEYS, source)
-    cost = _section(data, "cost", COST_KEYS, source)
-    sweeps = tuple(_sweep(item, f"sweeps[{i}]", known_methods, source)
-                   for i, item in enumerate(_table_list(data, "sweeps", source)))
+    methods = _methods(parsed.methods, known_methods, source)
+    leaderboard = {role: name for role, name in parsed.leaderboard.model_dump().items() if name is not None}
+    sweeps = tuple(_sweep(item, f"sweeps[{i}]", known_methods, source) for i, item in enumerate(parsed.sweeps))
     ablations = tuple(_ablation(item, f"ablations[{i}]", known_methods, source)
-                      for i, item in enumerate(_table_list(data, "ablations", source)))
-    spec = PaperSpec(source=source, suites=tuple(suites), methods=methods,
-                     results=_string(data, "results", source, "", "results"),
-                     out=_string(data, "out", source, "", "reports/paper"), leaderboard=leaderboard,
-                     cost_table=cost.get("table"), sweeps=sweeps, ablations=ablations)
+                      for i, item in enumerate(parsed.ablations))
+    spec = PaperSpec(source=source, suites=tuple(parsed.suites), methods=methods, results=parsed.results,
+                     out=parsed.out, leaderboard=leaderboard, cost_table=parsed.cost.table, sweeps=sweeps,
+                     ablations=ablations)
     _check_names(spec)
     return spec
 
@@ -127,49 +204,10 @@ def _where(source: str, section: str, key: str) -> str:
     return f"{source}: {section + '.' if section else ''}{key}"
 
 
-def _check_keys(table: dict[str, Any], allowed: Sequence[str], source: str, section: str) -> None:
-    for key in table:
-        if key not in allowed:
-            matches = close_matches(key, allowed)
-            hint = f"did you mean: {', '.join(matches)}?" if matches else f"known: {', '.join(allowed)}"
-            raise BenchError(f"{source}: unknown key '{(section + '.') if section else ''}{key}'; {hint}")
-
-
-def _string(table: dict[str, Any], key: str, source: str, section: str, default: str) -> str:
-    value = table.get(key, default)
-    if not isinstance(value, str):
-        raise BenchError(f"{_where(source, section, key)} must be a string, not {value!r}")
-    return value
-
-
-def _string_list(table: dict[str, Any], key: str, source: str, section: str) -> list[str]:
-    value = table.get(key, [])
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise BenchError(f"{_where(source, section, key)} must be a list of names, e.g. [\"a\", \"b\"]")
-    return value
-
-
-def _section(data: dict[str, Any], name: str, keys: Sequence[str], source: str) -> dict[str, str]:
-    table = data.get(name, {})
-    if not isinstance(table, dict):
-        raise BenchError(f"{source}: [{name}] must be a table of output names")
-    _check_keys(table, keys, source, name)
-    return {key: _string(table, key, source, name, "") for key in keys if key in table}
-
-
-def _table_list(data: dict[str, Any], name: str, source: str) -> list[dict[str, Any]]:
-    items = data.get(name, [])
-    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
-        raise BenchError(f"{source}: {name} must be an array of tables ([[{name}]])")
-    return items
-
-
-def _methods(value: Any, known: dict[str, Any], source: str) -> tuple[str, ...] | None:
+def _methods(value: str | list[str], known: dict[str, Any], source: str) -> tuple[str, ...] | None:
     if value == "all":
         return None
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+    if not isinstance(value, list) or not value:
         raise BenchError(f"{source}: methods must be \"all\" or a list of rows, e.g. [\"ties\", \"samerging(rho=0)\"]")
     rows = []
     for row in value:
@@ -223,10 +261,9 @@ def _known_param(method: str, param: str, known: dict[str, Any], source: str, wh
         raise BenchError(f"{source}: {where}: unknown parameter of {method} '{param}'; {hint}")
 
 
-def _sweep(item: dict[str, Any], where: str, known: dict[str, Any], source: str) -> SweepSpec:
-    _check_keys(item, SWEEP_KEYS, source, where)
+def _sweep(item: _Sweep, where: str, known: dict[str, Any], source: str) -> SweepSpec:
     params = []
-    for entry in _string_list(item, "params", source, where):
+    for entry in item.params:
         method, dot, param = entry.partition(".")
         if not dot:
             raise BenchError(f"{source}: {where}.params: '{entry}' must be METHOD.PARAM, e.g. ties.scaling")
@@ -234,29 +271,19 @@ def _sweep(item: dict[str, Any], where: str, known: dict[str, Any], source: str)
         params.append((method, param))
     if not params:
         raise BenchError(f"{source}: {where}.params must name at least one METHOD.PARAM")
-    metric = _string(item, "metric", source, where, "average")
-    if metric not in METRICS:
-        raise BenchError(f"{_where(source, where, 'metric')} must be one of {'|'.join(METRICS)}, not '{metric}'")
-    variants = item.get("variants", False)
-    if not isinstance(variants, bool):
-        raise BenchError(f"{_where(source, where, 'variants')} must be true or false")
+    if item.metric not in METRICS:
+        raise BenchError(f"{_where(source, where, 'metric')} must be one of {'|'.join(METRICS)}, not '{item.metric}'")
     default_label = ", ".join(dict.fromkeys(p for _, p in params))
-    return SweepSpec(params=tuple(params), x_label=_string(item, "x_label", source, where, default_label),
-                     metric=METRICS[metric], variants=variants, table=item.get("table"), figure=item.get("figure"))
+    return SweepSpec(params=tuple(params), x_label=item.x_label if item.x_label is not None else default_label,
+                     metric=METRICS[item.metric], variants=item.variants, table=item.table, figure=item.figure)
 
 
-def _ablation(item: dict[str, Any], where: str, known: dict[str, Any], source: str) -> AblationSpec:
-    _check_keys(item, ABLATION_KEYS, source, where)
-    for key in ("method", "param"):
-        if not isinstance(item.get(key), str):
-            raise BenchError(f"{_where(source, where, key)} is required (a name)")
-    method, param, across = item["method"], item["param"], item.get("across")
-    _known_param(method, param, known, source, where)
-    if across is not None:
-        _known_param(method, _string(item, "across", source, where, ""), known, source, f"{where}.across")
-    x_label = _string(item, "x_label", source, where, "") or None
-    return AblationSpec(method=method, param=param, across=across, x_label=x_label, table=item.get("table"),
-                        figure=item.get("figure"))
+def _ablation(item: _Ablation, where: str, known: dict[str, Any], source: str) -> AblationSpec:
+    _known_param(item.method, item.param, known, source, where)
+    if item.across is not None:
+        _known_param(item.method, item.across, known, source, f"{where}.across")
+    return AblationSpec(method=item.method, param=item.param, across=item.across, x_label=item.x_label or None,
+                        table=item.table, figure=item.figure)
 
 
 def _check_names(spec: PaperSpec) -> None:

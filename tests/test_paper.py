@@ -168,3 +168,27 @@ def test_report_writes_latex_cost_and_figures(capsys, tmp_path, store):
     assert out.startswith("tiny8 — protocol: transductive")
     code, _, err = run_cli(capsys, "report", "--results", str(store), "--out", str(tmp_path / "t"), "--no-figures")
     assert code == 0 and not (tmp_path / "t" / "tiny8").exists()
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"suites": 5}, 'suites must be a list of names, e.g. ["a", "b"]'),
+    ({"suites": ["tiny8"], "methods": 3}, 'methods must be "all" or a list of rows, e.g. ["ties", "samerging(rho=0)"]'),
+    ({"suites": ["tiny8"], "leaderboard": 3}, "[leaderboard] must be a table of output names"),
+    ({"suites": ["tiny8"], "sweeps": {"a": 1}}, "sweeps must be an array of tables ([[sweeps]])"),
+    ({"suites": ["tiny8"], "sweeps": [{"params": 3}]}, 'sweeps[0].params must be a list of names, e.g. ["a", "b"]'),
+    ({"suites": ["tiny8"], "sweeps": [{"params": ["ties.k"], "variants": "yes"}]},
+     "sweeps[0].variants must be true or false"),
+    ({"suites": ["tiny8"], "sweeps": [{"params": ["ties.k"], "metrik": "x"}]},
+     "unknown key 'sweeps[0].metrik'; did you mean: metric?"),
+    ({"suites": ["tiny8"], "ablations": [{"method": "ties"}]}, "ablations[0].param is required (a name)"),
+    ({"suites": ["tiny8"], "out": 3}, "out must be a string, not 3"),
+    ({"suites": ["tiny8"], "leaderboard": {"table": True}}, "leaderboard.table must be a string, not True"),
+])
+def test_spec_structure_errors_are_one_line(data, message):
+    """The spec's structure is one pydantic model; its first error is the one line naming the key."""
+    from bench.errors import BenchError
+    from bench.paper import parse_spec
+
+    with pytest.raises(BenchError) as caught:
+        parse_spec(data, "s.toml")
+    assert str(caught.value) == f"s.toml: {message}"
