@@ -45,16 +45,6 @@ class SweepSpec:
 
 
 @dataclass(frozen=True)
-class AblationSpec:
-    method: str
-    param: str
-    across: str | None = None
-    x_label: str | None = None
-    table: str | None = None
-    figure: str | None = None
-
-
-@dataclass(frozen=True)
 class PaperSpec:
     source: str
     suites: tuple[str, ...]
@@ -127,7 +117,7 @@ class _Sweep(_Table):
     figure: str | None = None
 
 
-class _Ablation(_Table):
+class AblationSpec(_Table):
     method: str
     param: str
     across: str | None = None
@@ -144,10 +134,10 @@ class _SpecFile(_Table):
     leaderboard: _LeaderboardOutputs = _LeaderboardOutputs()
     cost: _CostOutputs = _CostOutputs()
     sweeps: list[_Sweep] = []
-    ablations: list[_Ablation] = []
+    ablations: list[AblationSpec] = []
 
 
-SECTIONS = {"leaderboard": _LeaderboardOutputs, "cost": _CostOutputs, "sweeps": _Sweep, "ablations": _Ablation}
+SECTIONS = {"leaderboard": _LeaderboardOutputs, "cost": _CostOutputs, "sweeps": _Sweep, "ablations": AblationSpec}
 TOP_KEYS = tuple(_SpecFile.model_fields)
 
 
@@ -278,12 +268,11 @@ def _sweep(item: _Sweep, where: str, known: dict[str, Any], source: str) -> Swee
                      metric=METRICS[item.metric], variants=item.variants, table=item.table, figure=item.figure)
 
 
-def _ablation(item: _Ablation, where: str, known: dict[str, Any], source: str) -> AblationSpec:
+def _ablation(item: AblationSpec, where: str, known: dict[str, Any], source: str) -> AblationSpec:
     _known_param(item.method, item.param, known, source, where)
     if item.across is not None:
         _known_param(item.method, item.across, known, source, f"{where}.across")
-    return AblationSpec(method=item.method, param=item.param, across=item.across, x_label=item.x_label or None,
-                        table=item.table, figure=item.figure)
+    return item.model_copy(update={"x_label": item.x_label or None})
 
 
 def _check_names(spec: PaperSpec) -> None:

@@ -380,26 +380,3 @@ def test_magmax_params() -> None:
     with pytest.raises(BenchError, match=r"^magmax\.scaling=nan is not a finite number; default is 0\.5$"):
         build_params("magmax", MagMaxParams, {"scaling": "nan"})
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Registered adapters
-
-
-@pytest.mark.parametrize("name", ["breadcrumbs", "della", "magmax"])
-def test_registered_methods_run_with_defaults_and_leave_inputs_alone(name: str) -> None:
-    from toy_plugin import ToyParams, ToyProblem
-
-    problem = ToyProblem(ToyParams())
-    before = {key: value.clone() for key, value in problem.pretrained().items()}
-    experts_before = [{key: value.clone() for key, value in e.items()} for e in problem.experts()]
-    spec = get_method(name)
-    assert spec.family == "data-free" and spec.memory == "streamed"
-    context = MergeContext(problem=problem, seed=0, device=torch.device("cpu"), generator=torch.Generator())
-    merged = spec.fn(context, build_params(name, spec.params, {}))
-    assert merged.keys() == before.keys()
-    for key, value in merged.items():
-        assert value.dtype == before[key].dtype and value.shape == before[key].shape
-        assert torch.isfinite(value).all()
-    assert_state_equal(problem.pretrained(), before)
-    for expert, saved in zip(problem.experts(), experts_before, strict=True):
-        assert_state_equal(expert, saved)
