@@ -22,11 +22,11 @@ fusion repeats ``GTATask.execute``'s operations in the same order):
   identical to mergekit's choice; for more than 16 entries it is not index order).
 - τ̃_i = τ_i · mask (a float mask, as in mergekit, so dropped entries are τ_i · 0).
 
-One deliberate difference: mergekit keeps ``indices[n_bot:-n_top]``, which is empty when n_top = 0 (γ·N < 1,
-e.g. γ = 0.01 on a tensor of fewer than 100 entries, or γ = 0), so such tensors lose their whole task vector.
-Here n_top = 0 removes no top entries (the documented intent). ``breadcrumbs_merge(...,
-mergekit_empty_slice=True)`` reproduces mergekit's behaviour for peer comparisons. (No tensor of CLIP ViT-B/32
-has fewer than 768 entries, so with γ = 0.01 the two agree there.)
+mergekit @a6e4028 kept ``indices[n_bot:-n_top]``, which is empty when n_top = 0 (γ·N < 1, e.g. γ = 0.01 on a tensor
+of fewer than 100 entries, or γ = 0), so such tensors lost their whole task vector; mergekit 0.1.5 keeps
+``indices[n_bot:n_bot + target]`` and agrees with ours bit for bit there too (``tox -e peers``). Here n_top = 0
+removes no top entries. ``breadcrumbs_merge(..., mergekit_empty_slice=True)`` reproduces the older behaviour. (No
+tensor of CLIP ViT-B/32 has fewer than 768 entries, so with γ = 0.01 the two agree there.)
 
 The merge step is mergekit's generalized task arithmetic (:func:`mergekit_combine`): stack the τ̃_i, multiply by
 w_i, sum over tasks (``consensus="ties"``: mergekit's ``breadcrumbs_ties``, i.e. keep only entries whose sign
