@@ -144,25 +144,26 @@ def test_ctrl_c_cancels_outstanding_jobs_and_keeps_the_finished_ones(tmp_path: P
     assert len(finished) == 24 and all(finished[name] == record for name, record in kept.items())
 
 
-def test_sweep_on_a_cluster_started_with_ray_start(tmp_path: Path, plugin_env: dict) -> None:
-    """The README's cluster commands: `ray start --head` on this node, then `bench sweep --executor ray --address
-    auto`; the records equal a local sweep's."""
+def test_sweep_on_a_cluster_started_with_ray_start(tiny8_ci_cache: Path, tmp_path: Path) -> None:
+    """The README's cluster commands, as written there: `ray start --head`, `bench sweep --executor ray --address
+    auto`, `ray stop`; the records equal a local sweep's."""
+    env = {**os.environ, "BENCH_CACHE": str(tiny8_ci_cache)}
     ray_cli = shutil.which("ray", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     assert ray_cli, "the ray extra installs the `ray` command"
-    started = subprocess.run([ray_cli, "start", "--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
-                              "--include-dashboard", "false", "--disable-usage-stats"], env=plugin_env,
-                             capture_output=True, text=True, timeout=120)
+    sweep = ["sweep", "--suite", "tiny8", "--set", "suite.size=ci", "--param", "task_arithmetic.scaling=0.2,0.4,0.6",
+             "--seeds", "0,1"]
+    quiet = ["--no-progress"]
+    started = subprocess.run([ray_cli, "start", "--head", "--num-cpus", "2"], env=env, capture_output=True,
+                             text=True, timeout=120)
     try:
         assert started.returncode == 0, started.stderr
-        sweep = ["sweep", "--suite", "toy", "--param", "task_arithmetic.scaling=0.2,0.4,0.6", "--seeds", "0,1",
-                 "--no-progress"]
-        on_cluster = bench(plugin_env, *sweep, "--results", str(tmp_path / "cluster"), "--out", str(tmp_path / "o1"),
-                           "--executor", "ray", "--address", "auto")
+        on_cluster = bench(env, *sweep, "--executor", "ray", "--address", "auto", *quiet,
+                           "--results", str(tmp_path / "cluster"), "--out", str(tmp_path / "o1"))
         assert on_cluster.returncode == 0, on_cluster.stderr
         assert "running 8 job(s) on Ray (auto; 1 CPU and 0 GPU per job)" in on_cluster.stderr
     finally:
-        subprocess.run([ray_cli, "stop", "--force"], env=plugin_env, capture_output=True, timeout=120)
-    local = bench(plugin_env, *sweep, "--results", str(tmp_path / "local"), "--out", str(tmp_path / "o2"))
+        subprocess.run([ray_cli, "stop"], env=env, capture_output=True, timeout=120)
+    local = bench(env, *sweep, *quiet, "--results", str(tmp_path / "local"), "--out", str(tmp_path / "o2"))
     assert local.returncode == 0, local.stderr
     assert on_cluster.stdout == local.stdout  # the sweep table
     same_records(records_of(tmp_path / "local"), records_of(tmp_path / "cluster"))
