@@ -145,6 +145,7 @@ def _param_lines(params_cls: type) -> list[str]:
 
 def list_methods() -> str:
     lines = [f"memory: {kind} = {meaning}" for kind, meaning in registry.MEMORY.items()]
+    lines += [f"output: {kind} = {meaning}" for kind, meaning in registry.OUTPUTS.items()]
     specs = registry.methods()
     for family in registry.FAMILIES:
         for name in sorted(n for n, s in specs.items() if s.family == family):
@@ -153,7 +154,8 @@ def list_methods() -> str:
             budget = spec.samples_per_task(spec.params())
             if budget:
                 data += f", up to {budget} per task"
-            lines.append(f"{name}  [{spec.family}; data: {data}; memory: {spec.memory}]  {spec.description}")
+            output = "; output: per_task" if spec.output == "per_task" else ""
+            lines.append(f"{name}  [{spec.family}; data: {data}; memory: {spec.memory}{output}]  {spec.description}")
             lines += _param_lines(spec.params)
     return "\n".join(lines)
 

@@ -21,10 +21,22 @@ StateDict = dict[str, Tensor]
 
 
 class PerTaskWeights(dict):
-    """A method result that is not one model: task name -> the weights evaluated on that task.
+    """A method result that is not one model: task name -> the weights evaluated on that task (a state dict, or
+    a function building it, so that K models need not exist at once: TALL masks and EMR keep one shared task
+    vector and K bit masks and build each task's weights when it is evaluated).
 
-    Used by the ``individual`` reference row (each expert on its own task).
+    ``per_task_bytes``: what each task adds to the shared model (its masks, its layer, a whole model for the
+    ``individual`` row), recorded for the cost table; None when unknown.
     """
+
+    def __init__(self, weights: Mapping[str, Any], per_task_bytes: int | None = None) -> None:
+        super().__init__(weights)
+        self.per_task_bytes = per_task_bytes
+
+    def for_task(self, task: str) -> Mapping[str, Tensor]:
+        """The weights ``task`` is evaluated on (built now when given as a function)."""
+        weights = self[task]
+        return weights() if callable(weights) else weights
 
 
 @dataclass

@@ -44,6 +44,11 @@ MEMORY = {
     "streamed": "reads the experts one tensor at a time: one merged model + K × the largest tensor",
     "stacked": "holds all K task vectors (or per-expert statistics) at once on the run's device",
 }
+OUTPUTS = {
+    "merged": "one merged model for every task",
+    "per_task": "one set of weights per task: a shared model plus a small per-task part (masks, a layer, ...)",
+}
+"""What a method's result is (``output=`` of :func:`register_method`); reports mark ``per_task`` rows."""
 
 
 def param(
@@ -209,6 +214,7 @@ class MethodSpec:
     budget: Callable[[Any], int] | None = None
     memory: str = "streamed"
     needs: tuple[str, ...] = ()  # CAPABILITIES the suite must have for the method to apply
+    output: str = "merged"  # OUTPUTS: one model, or one set of weights per task (bench.problem.PerTaskWeights)
 
     def samples_per_task(self, params: Any) -> int:
         return self.budget(params) if self.budget else 0
@@ -292,8 +298,12 @@ def register_method(
     budget: Callable[[Any], int] | None = None,
     memory: str = "streamed",
     needs: tuple[str, ...] = (),
+    output: str = "merged",
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn(ctx, params) -> StateDict | PerTaskWeights`` under ``name``.
+
+    ``output`` (:data:`OUTPUTS`): ``merged`` methods return one state dict; ``per_task`` ones a
+    :class:`bench.problem.PerTaskWeights` (each task evaluated on its own weights, the per-task storage recorded).
 
     ``memory`` declares what the method holds at once (:data:`MEMORY`): ``streamed`` methods read the experts
     tensor by tensor; ``stacked`` ones keep every task vector (or per-expert statistics) on the device.
@@ -309,11 +319,14 @@ def register_method(
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if data not in DATA_ACCESS:
         raise ValueError(f"data must be one of {DATA_ACCESS}, got {data!r}")
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {tuple(OUTPUTS)}, got {output!r}")
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in _METHODS and _METHODS[name].fn is not fn:
             raise ValueError(f"method {name!r} registered twice")
-        _METHODS[name] = MethodSpec(name, family, data, params, description, fn, budget, memory, tuple(needs))
+        _METHODS[name] = MethodSpec(name, family, data, params, description, fn, budget, memory, tuple(needs),
+                                    output)
         return fn
 
     return decorator

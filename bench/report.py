@@ -80,6 +80,8 @@ def records_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
             "seed": record["seed"],
             "average": record["average"],
             "normalized": record.get("normalized_average"),
+            "output": record.get("output", "merged"),
+            "per_task_bytes": (record.get("notes") or {}).get("per_task_bytes"),
         }
         for task, entry in record["tasks"].items():
             row[f"task:{task}"] = entry["accuracy"]
@@ -114,6 +116,7 @@ def leaderboard(frame: pd.DataFrame) -> pd.DataFrame:
     metrics = task_columns(frame) + ["average", "normalized"]
     grouped = frame.groupby("method", sort=False)
     board = grouped[["family", "data"]].first()
+    board["output"] = grouped["output"].first() if "output" in frame else "merged"
     board["seeds"] = grouped["seed"].nunique()
     for col in metrics:
         values = frame[col].astype(float) if col in frame else pd.Series(np.nan, index=frame.index)
@@ -131,6 +134,21 @@ def best_rows(board: pd.DataFrame, column: str) -> set[str]:
         return set()
     best = merges.max()
     return set(merges.index[np.isclose(merges, best, rtol=0, atol=1e-12)])
+
+
+PER_TASK_MARK = "†"
+PER_TASK_NOTE = ("† one set of weights per task: a shared model plus a per-task part (its size per task in the cost "
+                 "table)")
+
+
+def row_label(method: str, entry: pd.Series) -> str:
+    """The method's label in a table: marked when its result is one set of weights per task."""
+    return f"{method} {PER_TASK_MARK}" if entry.get("output") == "per_task" else str(method)
+
+
+def per_task_note(board: pd.DataFrame) -> list[str]:
+    """The note explaining the mark, when a row has it."""
+    return [PER_TASK_NOTE] if "output" in board and (board["output"] == "per_task").any() else []
 
 
 def format_cell(mean: float, std: float) -> str:
@@ -164,7 +182,7 @@ def _table_rows(board: pd.DataFrame, mark: tuple[str, str]) -> tuple[list[str], 
     best = {col: best_rows(board, col) for col in metrics}
     rows = []
     for method, entry in board.iterrows():
-        cells = [str(method), str(entry["data"]), str(entry["seeds"])]
+        cells = [row_label(method, entry), str(entry["data"]), str(entry["seeds"])]
         for col in metrics:
             cell = format_cell(entry[f"{col}_mean"], entry[f"{col}_std"])
             if method in best[col]:
@@ -181,7 +199,7 @@ def to_markdown(board: pd.DataFrame, title: str) -> str:
     lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", "Accuracy in %, mean ± std over seeds; avg 95% CI: Student-t interval of the mean over seeds "
-              "(n/a with one seed); best merge per column in bold (reference rows excluded)."]
+              "(n/a with one seed); best merge per column in bold (reference rows excluded).", *per_task_note(board)]
     return "\n".join(lines) + "\n"
 
 
@@ -195,6 +213,7 @@ def to_text(board: pd.DataFrame, title: str) -> str:
 
     lines = [title, fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
     lines.append("accuracy %, mean ± std over seeds; avg 95% CI: t-interval of the mean; * best merge per column")
+    lines += per_task_note(board)
     return "\n".join(lines) + "\n"
 
 
@@ -433,6 +452,9 @@ def cost_table(frame: pd.DataFrame) -> pd.DataFrame:
     cost["total_s_std"] = total.groupby(method).std(ddof=1)
     memory = frame["memory_bytes"].astype(float) if "memory_bytes" in frame else pd.Series(np.nan, index=frame.index)
     cost["peak_memory_bytes"] = memory.groupby(method).max()
+    per_task = (frame["per_task_bytes"].astype(float) if "per_task_bytes" in frame
+                else pd.Series(np.nan, index=frame.index))
+    cost["per_task_bytes"] = per_task.groupby(method).max()
     cost["memory_kind"] = _joined_unique(frame, "memory_kind", lambda k: MEMORY_KINDS.get(k, k))
     cost["device"] = _joined_unique(frame, "device", str)
     return cost
@@ -471,17 +493,30 @@ def format_bytes(count: float) -> str:
 def _cost_cells(entry: pd.Series) -> list[str]:
     return [format_seconds(entry["merge_s_mean"]), format_seconds(entry["adapt_s_mean"], blank_zero=True),
             format_seconds(entry["eval_s_mean"]), format_seconds(entry["total_s_mean"]),
-            format_bytes(entry["peak_memory_bytes"]), str(entry["device"]) or "–"]
+            format_bytes(entry["peak_memory_bytes"]), format_storage(entry.get("per_task_bytes", np.nan)),
+            str(entry["device"]) or "–"]
 
 
-COST_HEADER = ["merge (s)", "adapt (s)", "eval (s)", "total (s)", "peak memory", "device"]
+COST_HEADER = ["merge (s)", "adapt (s)", "eval (s)", "total (s)", "peak memory", "per-task storage", "device"]
+
+
+def format_storage(count: float) -> str:
+    """Bytes a per-task result adds per task (``–`` for one merged model): B, KiB or MiB as fits."""
+    if count is None or np.isnan(count):
+        return "–"
+    if count < 2**10:
+        return f"{count:.0f} B"
+    if count < 2**20:
+        return f"{count / 2**10:.1f} KiB"
+    return format_bytes(count)
 
 
 def cost_note(cost: pd.DataFrame) -> str:
     kinds = sorted({k for cell in cost["memory_kind"] for k in str(cell).split(", ") if k})
     measured = " / ".join(kinds) if kinds else "not recorded"
     return ("Seconds, mean over seeds; total = merge + adapt + eval (suite loading, shared by every method, left "
-            f"out); – in adapt: no adaptation phase. Peak memory: max over seeds of {measured}.")
+            f"out); – in adapt: no adaptation phase. Peak memory: max over seeds of {measured}. Per-task storage: "
+            "what a method with one set of weights per task adds for each task to its shared model (– : one model).")
 
 
 def cost_markdown(cost: pd.DataFrame, title: str) -> str:
@@ -582,7 +617,8 @@ def to_latex(board: pd.DataFrame, *, suite_label: str, protocol: str, seeds: Seq
     for (method, entry), rule in zip(board.iterrows(), _family_blocks(list(board["family"])), strict=True):
         if rule:
             rows.append(None)
-        cells = [latex_escape(method), latex_escape(entry["data"]), *([str(entry["seeds"])] if per_row else [])]
+        cells = [latex_escape(row_label(method, entry)), latex_escape(entry["data"]),
+                 *([str(entry["seeds"])] if per_row else [])]
         for col in metrics:
             cells.append(latex_number(entry[f"{col}_mean"], entry[f"{col}_std"], method in best[col]))
             if col == "average":
@@ -592,13 +628,15 @@ def to_latex(board: pd.DataFrame, *, suite_label: str, protocol: str, seeds: Seq
                f"over {seeds_phrase(seeds, per_row)}. 95\\% CI: Student-$t$ confidence interval of the mean average "
                "accuracy over seeds (n/a with one seed). Norm.\\ avg.: accuracy divided by the fine-tuned expert's on "
                "each task, averaged over tasks. Data: what a method reads besides the weights (none, unlabeled or "
-               "labeled examples). Bold: best merge per column (reference rows excluded).")
+               "labeled examples). Bold: best merge per column (reference rows excluded)."
+               + "".join(f" {latex_escape(note)}." for note in per_task_note(board)))
     column_spec = "ll" + ("r" if per_row else "") + "c" * (len(metrics) + 1)
     return latex_table(header, rows, column_spec=column_spec, caption=caption, label=label, wide=True)
 
 
 def cost_latex(cost: pd.DataFrame, *, suite_label: str, protocol: str, label: str) -> str:
-    header = ["Method", "Data", "Merge (s)", "Adapt (s)", "Eval (s)", "Total (s)", "Peak memory", "Device"]
+    header = ["Method", "Data", "Merge (s)", "Adapt (s)", "Eval (s)", "Total (s)", "Peak memory", "Per-task storage",
+              "Device"]
     rows: list[list[str] | None] = []
     for (method, entry), rule in zip(cost.iterrows(), _family_blocks(list(cost["family"])), strict=True):
         if rule:
@@ -606,7 +644,7 @@ def cost_latex(cost: pd.DataFrame, *, suite_label: str, protocol: str, label: st
         rows.append([latex_escape(method), latex_escape(entry["data"]), *map(latex_escape, _cost_cells(entry))])
     caption = (f"Cost on {latex_escape(suite_label)}, protocol: {latex_escape(protocol)}. "
                f"{latex_escape(cost_note(cost))}")
-    return latex_table(header, rows, column_spec="llrrrrrl", caption=caption, label=label, wide=True)
+    return latex_table(header, rows, column_spec="llrrrrrrl", caption=caption, label=label, wide=True)
 
 
 def grid_latex(points: pd.DataFrame, *, corner: str, caption: str, label: str) -> str:

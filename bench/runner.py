@@ -210,7 +210,7 @@ def evaluate(
     if shared is not None:
         require_finite(shared)
     for task in tqdm(problem.tasks, desc="evaluating", leave=False, disable=not progress, file=sys.stderr):
-        weights = to_device(merged[task], device) if shared is None else shared
+        weights = to_device(merged.for_task(task), device) if shared is None else shared
         if shared is None:
             require_finite(weights, task)
         per_task[task] = problem.evaluate(weights, task, device)
@@ -240,7 +240,7 @@ def merge_checked(method: registry.MethodSpec, ctx: MergeContext, params: Any) -
     exists), the base and experts are scanned, tensor by tensor, and a NaN or ±inf among them is reported as the
     cause (one line naming the expert and the tensor) instead of the crash. Nothing is scanned on success."""
     try:
-        return method.fn(ctx, params)
+        result = method.fn(ctx, params)
     except (BenchError, MemoryError, torch.OutOfMemoryError):
         raise
     except Exception:
@@ -249,6 +249,12 @@ def merge_checked(method: registry.MethodSpec, ctx: MergeContext, params: Any) -
         if culprit is not None:
             raise nonfinite_input_error(culprit) from None
         raise
+    if isinstance(result, PerTaskWeights) != (method.output == "per_task"):
+        raise TypeError(f"method {method.name} declares output={method.output!r} but returned "
+                        f"{type(result).__name__}; register it with the output it returns")
+    if isinstance(result, PerTaskWeights) and result.per_task_bytes is not None:
+        ctx.notes["per_task_bytes"] = int(result.per_task_bytes)
+    return result
 
 
 def finite_notes(value: Any) -> Any:
@@ -320,6 +326,7 @@ def _record_head(job: Job, problem: MergeProblem) -> dict[str, Any]:
         "family": job.method.family,
         "data_access": job.method.data,
         "samples_per_task": job.method.samples_per_task(job.params),
+        "output": job.method.output,
     }
 
 

@@ -141,7 +141,7 @@ _RECORD_FIELDS = {  # field -> (kind, required in every record, required in scor
     "params": ("dict", False, False), "protocol": ("str", False, False), "timings": ("dict", False, False),
     "peak_memory": ("dict?", False, False), "environment": ("dict?", False, False), "notes": ("dict?", False, False),
     "problem": ("dict?", False, False), "created": ("str", False, False), "config_hash": ("str", False, False),
-    "samples_per_task": ("int?", False, False), "reason": ("str?", False, False),
+    "samples_per_task": ("int?", False, False), "reason": ("str?", False, False), "output": ("str", False, False),
 }
 _TASK_FIELDS = {"accuracy": ("number", True), "num_examples": ("int", False), "loss": ("number?", False),
                 "normalized_accuracy": ("number?", False), "correct": ("str?", False)}

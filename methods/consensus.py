@@ -38,12 +38,17 @@ class ConsensusParams:
         require_range("consensus_ta", "tall_lambda", self.tall_lambda, 0.0, None)
 
 
+def tall_masks(tau: Tensor, tall_lambda: float, multi_task: Tensor | None = None) -> Tensor:
+    """For a ``[K, n]`` block of task vectors: the ``[K, n]`` TALL masks m_i = |τ_i| ≥ λ_t·|τ_MTL − τ_i|
+    (``multi_task``: τ_MTL = Σ_i τ_i when already computed)."""
+    multi_task = tau.sum(dim=0) if multi_task is None else multi_task
+    distance = (multi_task - tau).abs_().mul_(tall_lambda)  # λ_t |τ_MTL − τ_i|
+    return tau.abs() >= distance
+
+
 def consensus_mask(tau: Tensor, *, k: int, tall_lambda: float) -> Tensor:
     """For a ``[K, n]`` block of task vectors: ``[n]`` bool, True where at least k TALL masks are on."""
-    multi_task = tau.sum(dim=0)
-    distance = (multi_task - tau).abs_().mul_(tall_lambda)  # λ_t |τ_MTL − τ_i|
-    tall_masks = tau.abs() >= distance
-    return tall_masks.sum(dim=0) >= k
+    return tall_masks(tau, tall_lambda).sum(dim=0) >= k
 
 
 def consensus_merge(

@@ -9,6 +9,9 @@ from bench.problem import MergeContext, PerTaskWeights
 from bench.registry import register_method
 
 
-@register_method("individual", family="reference", description="each expert on its own task (fine-tuned upper bound)")
+@register_method("individual", family="reference", output="per_task",
+                 description="each expert on its own task (fine-tuned upper bound)")
 def merge(ctx: MergeContext, params: object) -> PerTaskWeights:
-    return PerTaskWeights({task: ctx.problem.expert(task) for task in ctx.tasks})
+    base = ctx.problem.model_pool().base
+    whole_model = sum(base.nbytes_of(key) for key in base)  # from the headers: nothing is read
+    return PerTaskWeights({task: ctx.problem.expert(task) for task in ctx.tasks}, per_task_bytes=whole_model)

@@ -8,6 +8,7 @@ import pytest
 from scipy import stats
 
 from bench.report import (
+    PER_TASK_NOTE,
     ablation_points,
     ci_halfwidth,
     cost_markdown,
@@ -78,8 +79,8 @@ def test_terminal_and_csv():
     text = to_text(board, "toy")
     assert "*75.0 ± 7.1" in text
     csv = to_csv(board).splitlines()
-    assert csv[0].startswith("method,family,data,seeds,task:a_mean,task:a_std")
-    assert csv[2].startswith("ties,data-free,none,2,0.750000,0.070711")
+    assert csv[0].startswith("method,family,data,output,seeds,task:a_mean,task:a_std")
+    assert csv[2].startswith("ties,data-free,none,merged,2,0.750000,0.070711")
 
 
 def test_one_file_per_suite_configuration(tmp_path):
@@ -196,9 +197,9 @@ def test_cost_table_cells_and_units():
     text = cost_markdown(cost, "cost")
     lines = text.splitlines()
     assert lines[2] == ("| method | data | seeds | merge (s) | adapt (s) | eval (s) | total (s) | peak memory "
-                        "| device |")
-    assert "| samerging | unlabeled | 3 | 0.05 | 40.0 | 0.20 | 40.2 | 1.50 GiB | CPU (2 threads) |" in lines
-    assert "| ties | none | 3 | 1.5 | – | 0.20 | 1.7 | 100 MiB | CPU (2 threads) |" in lines
+                        "| per-task storage | device |")
+    assert "| samerging | unlabeled | 3 | 0.05 | 40.0 | 0.20 | 40.2 | 1.50 GiB | – | CPU (2 threads) |" in lines
+    assert "| ties | none | 3 | 1.5 | – | 0.20 | 1.7 | 100 MiB | – | CPU (2 threads) |" in lines
     assert "max over seeds of CPU peak RSS" in text
     assert format_seconds(0.0042) == "0.004" and format_seconds(1234.5) == "1234" and format_seconds(np.nan) == "–"
     assert format_bytes(512 * 2**20) == "512 MiB" and format_bytes(3 * 2**30) == "3.00 GiB"
@@ -310,3 +311,22 @@ def test_long_suite_labels_give_short_distinct_file_names():
     assert suite_slug("tiny8(size=ci)") == "tiny8-size=ci"
     assert len(suite_slug(long_a)) == 96 and suite_slug(long_a) != suite_slug(long_b)
     assert suite_slug(long_a).startswith("llm-mergebench-task_map=instruction=ifeval_")
+
+
+def test_per_task_results_are_marked_and_their_storage_is_a_cost_column():
+    """A method whose result is one set of weights per task (``output: per_task``) is a row like any other, marked
+    in every table, with what it adds per task in the cost table; one-model rows are unmarked with –."""
+    per_task = [dict(make_record("tall_masks", seed, 0.7), output="per_task", notes={"per_task_bytes": 3 * 2**10})
+                for seed in (0, 1)]
+    merged = [dict(make_record("ties", seed, 0.6), output="merged") for seed in (0, 1)]
+    frame = records_frame(per_task + merged)
+    board = leaderboard(frame)
+    markdown = to_markdown(board, "toy")
+    assert "| tall_masks † | none | 2 |" in markdown and "| ties | none | 2 |" in markdown
+    assert markdown.rstrip().endswith(PER_TASK_NOTE)
+    assert "tall_masks †" in to_text(board, "toy") and "tall\\_masks †" in to_latex(
+        board, suite_label="toy", protocol="transductive", seeds=[0, 1], label="tab:x")
+    cost = cost_markdown(cost_table(frame), "cost").splitlines()
+    assert any(line.startswith("| tall_masks | none | 2 |") and "| 3.0 KiB |" in line for line in cost)
+    assert any(line.startswith("| ties | none | 2 |") and "| – | CPU" in line for line in cost)
+    assert PER_TASK_NOTE not in to_markdown(leaderboard(records_frame(merged)), "toy")
