@@ -128,8 +128,10 @@ def leaderboard(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def best_rows(board: pd.DataFrame, column: str) -> set[str]:
-    """Methods holding the best mean of ``column`` among non-reference rows (ties all marked)."""
-    merges = board[board["family"] != REFERENCE_FAMILY][f"{column}_mean"].dropna()
+    """Methods holding the best mean of ``column`` among the merged models: reference rows and rows with one set of
+    weights per task are not ranked with them (ties all marked)."""
+    ranked = (board["family"] != REFERENCE_FAMILY) & (board.get("output", "merged") != "per_task")
+    merges = board[ranked][f"{column}_mean"].dropna()
     if merges.empty:
         return set()
     best = merges.max()
@@ -138,7 +140,7 @@ def best_rows(board: pd.DataFrame, column: str) -> set[str]:
 
 PER_TASK_MARK = "†"
 PER_TASK_NOTE = ("† one set of weights per task: a shared model plus a per-task part (its size per task in the cost "
-                 "table)")
+                 "table); not ranked with the merged models")
 
 
 def row_label(method: str, entry: pd.Series) -> str:

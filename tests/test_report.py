@@ -330,3 +330,10 @@ def test_per_task_results_are_marked_and_their_storage_is_a_cost_column():
     assert any(line.startswith("| tall_masks | none | 2 |") and "| 3.0 KiB |" in line for line in cost)
     assert any(line.startswith("| ties | none | 2 |") and "| – | CPU" in line for line in cost)
     assert PER_TASK_NOTE not in to_markdown(leaderboard(records_frame(merged)), "toy")
+
+
+def test_per_task_rows_are_not_ranked_with_merged_models():
+    records = [dict(make_record("emr", seed, 0.9), output="per_task") for seed in (0, 1)]
+    records += [dict(make_record("ties", seed, 0.6), output="merged") for seed in (0, 1)]
+    board = leaderboard(records_frame(records))
+    assert "| **60.0 ± 0.0** |" in to_markdown(board, "toy") and "| 90.0 ± 0.0 |" in to_markdown(board, "toy")
