@@ -44,7 +44,10 @@ class EmrStatistics:
 def emr_tensor(inputs: TensorInputs) -> EmrStatistics:
     """Elect, mask and unify one key (the module docstring's first three lines)."""
     tau = torch.stack(inputs.task_vectors)
-    elected = torch.where(tau.sum(dim=0) > 0, 1.0, -1.0).to(tau.dtype)
+    total = inputs.task_vectors[0].clone()
+    for task_vector in inputs.task_vectors[1:]:  # summed in task order, as the reference's state_dict_sum
+        total += task_vector
+    elected = torch.where(total > 0, 1.0, -1.0).to(tau.dtype)
     masks = tau * elected > 0
     unified = (masks * tau).abs().amax(dim=0) * elected
     masked = (masks * unified).abs()
