@@ -65,6 +65,8 @@ SHORT = {
     "adamerging_tw.steps": 3, "adamerging_lw.steps": 3,
     "samerging.num_batches": 2, "samerging.epochs": 2, "samerging_tw.num_batches": 2, "samerging_tw.epochs": 2,
     "fisher.num_samples": 8, "regmean.num_samples": 8,
+    "expert_merging.steps": 3, "fw_merging.max_iters": 2, "fw_merging.dataset_size": 8,
+    "m2n2.evaluations": 5, "m2n2.num_samples": 8, "tint.epochs": 2,
 }
 
 
