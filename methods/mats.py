@@ -31,10 +31,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bench.adaptation import per_expert_statistics
 from bench.problem import MergeContext, StateDict
 from bench.registry import param, register_method
-from methods.regmean import gram_matrices, shrink_off_diagonal
+from methods.regmean import expert_grams, shrink_off_diagonal
 
 
 @dataclass(frozen=True)
@@ -102,13 +101,7 @@ def mats_merge(
                  needs=("linear_inputs", "labeled_data"),
                  description="MaTS: the RegMean objective solved by conjugate gradient from the task-arithmetic merge")
 def merge(ctx: MergeContext, p: MatsParams) -> StateDict:
-    def grams(expert: StateDict, task: str, inputs: Tensor) -> StateDict:
-        with torch.no_grad():
-            return gram_matrices(ctx.problem.linear_inputs(expert, task, inputs))
-
-    statistics = per_expert_statistics(ctx, p.num_samples, grams)
-    ctx.note_held("gram_matrices", statistics)
-    merged, steps = mats_merge(ctx.pretrained(), ctx.experts(), statistics, p)
+    merged, steps = mats_merge(ctx.pretrained(), ctx.experts(), expert_grams(ctx, p.num_samples), p)
     ctx.notes["cg_iterations"] = {"max": max(steps.values(), default=0), "mean": (
         sum(steps.values()) / len(steps) if steps else 0.0)}
     return merged

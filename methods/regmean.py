@@ -63,10 +63,15 @@ def gram_matrices(inputs_per_key: Mapping[str, Tensor]) -> dict[str, Tensor]:
                  needs=("linear_inputs", "labeled_data"),
                  description="RegMean: closed-form least-squares merge of linear layers from input Gram matrices")
 def merge(ctx: MergeContext, p: RegMeanParams) -> StateDict:
+    return regmean_merge(ctx.experts(), expert_grams(ctx, p.num_samples), p.alpha)
+
+
+def expert_grams(ctx: MergeContext, num_samples: int) -> list[dict[str, Tensor]]:
+    """Every expert's Gram matrices of its linear layers' inputs on ``num_samples`` of its task (held bytes noted)."""
     def grams(expert: StateDict, task: str, inputs: Tensor) -> StateDict:
         with torch.no_grad():
             return gram_matrices(ctx.problem.linear_inputs(expert, task, inputs))
 
-    statistics = per_expert_statistics(ctx, p.num_samples, grams)
+    statistics = per_expert_statistics(ctx, num_samples, grams)
     ctx.note_held("gram_matrices", statistics)
-    return regmean_merge(ctx.experts(), statistics, p.alpha)
+    return statistics
