@@ -62,7 +62,7 @@ def test_list_methods_shows_every_default(capsys):
     assert "adamerging_lw  [test-time; data: unlabeled, up to 16000 per task; memory: stacked]" in out
     assert "memory: stacked = holds all K task vectors" in out
     assert "k=20.0" in out and "trim_scope=global {global|per_tensor}" in out
-    assert "individual  [reference; data: none; memory: streamed]" in out
+    assert "individual  [reference; data: none; memory: streamed; output: per_task]" in out
     code, out, _ = run_cli(capsys, "list", "suites")
     assert "tiny8" in out and "size=full {full|ci}" in out
 

@@ -289,8 +289,10 @@ def test_run_without_train_splits_runs_data_free_methods_and_skips_fisher_with_t
     assert code == 0, err
     recorded = sorted(json.loads(p.read_text())["method"] for p in results.rglob("*.json"))
     assert recorded == ["individual", "task_arithmetic"]
+    labeled = ",".join(registry.methods_reading("labeled"))  # fisher, regmean and the other labeled-data methods
+    assert {"fisher", "regmean"} <= set(labeled.split(","))
     reason = (f"not applicable: fisher: the train split of dataset tanganke/eurosat (task 'eurosat') (labeled "
-              f"examples) was not prepared; run `bench prepare vit8 --set {SUBSET} --methods fisher,regmean` (same "
+              f"examples) was not prepared; run `bench prepare vit8 --set {SUBSET} --methods {labeled}` (same "
               f"--cache/BENCH_CACHE), then rerun")
     assert reason in err.splitlines()
 
@@ -309,10 +311,12 @@ def test_inductive_pool_without_the_train_split_names_the_test_time_methods(hub,
     assert len(problem.split("mnist", "test")) == 12  # scoring works
     with pytest.raises(MethodNotApplicable) as error:
         problem.unlabeled_size("mnist")
+    unlabeled = ",".join(registry.methods_reading("unlabeled"))  # the test-time methods
+    assert {"adamerging_lw", "adamerging_tw", "samerging", "samerging_tw"} <= set(unlabeled.split(","))
     assert str(error.value).endswith(
         "(the inductive protocol's unlabeled pool) was not prepared; run `bench prepare vit8 --set "
-        "suite.protocol=inductive --set suite.tasks=mnist --methods adamerging_lw,adamerging_tw,samerging,"
-        "samerging_tw` (same --cache/BENCH_CACHE), then rerun")
+        f"suite.protocol=inductive --set suite.tasks=mnist --methods {unlabeled}` (same --cache/BENCH_CACHE), "
+        "then rerun")
 
 
 # -- which hub files are one split --------------------------------------------------------------------------------
@@ -368,5 +372,6 @@ def test_glue_without_train_splits_scores_and_skips_what_reads_them(tmp_path):
     assert problem.evaluate(problem.pretrained(), "rte", torch.device("cpu")).num_examples == 12
     with pytest.raises(MethodNotApplicable, match=r"the train split of dataset fixture/glue \(rte\) \(labeled "
                                                   r"examples\) was not prepared; run `bench prepare glue-gpt2 --set "
-                                                  r"suite\.tasks=sst2,rte .*--methods fisher,regmean`"):
+                                                  r"suite\.tasks=sst2,rte .*--methods "
+                                                  + ",".join(registry.methods_reading("labeled")) + "`"):
         problem.labeled("rte", 4, seed=0)

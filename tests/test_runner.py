@@ -151,7 +151,7 @@ def test_jobs_must_be_positive(tmp_path, capsys):
     assert capsys.readouterr().err == expected
     assert main(["run", "--suite", "toy", "--jobs", "2", "--seeds", "0,1", "--methods", "tie",
                  "--results", str(tmp_path)]) == 2
-    assert capsys.readouterr().err == "bench: error: unknown method 'tie'; did you mean: ties, dare_ties?\n"
+    assert capsys.readouterr().err == "bench: error: unknown method 'tie'; did you mean: ties, tint, dare_ties?\n"
 
 
 def test_sweep_with_jobs_writes_the_same_records_and_table(tmp_path, monkeypatch, plugin_env, capsys):
