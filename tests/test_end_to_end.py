@@ -18,7 +18,8 @@ def tiny8_ci_run(tmp_path_factory):
              "--set", "fisher.num_samples=64", "--set", "regmean.num_samples=64",
              "--set", "expert_merging.steps=20", "--set", "fw_merging.max_iters=3",
              "--set", "fw_merging.dataset_size=16",
-             "--set", "m2n2.evaluations=50", "--set", "m2n2.num_samples=64", "--set", "tint.epochs=10"]
+             "--set", "m2n2.evaluations=50", "--set", "m2n2.num_samples=64", "--set", "tint.epochs=10",
+             "--set", "statsmerging.steps=20", "--set", "statsmerging.hidden=32"]
     argv = ["run", "--suite", "tiny8", "--methods", "all", "--set", "suite.size=ci", "--seeds", "0", *short,
             "--results", str(root / "results"), "--out", str(root / "reports"), "--cache", str(root / "cache"),
             "--no-progress"]

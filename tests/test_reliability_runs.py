@@ -66,7 +66,7 @@ SHORT = {
     "samerging.num_batches": 2, "samerging.epochs": 2, "samerging_tw.num_batches": 2, "samerging_tw.epochs": 2,
     "fisher.num_samples": 8, "regmean.num_samples": 8,
     "expert_merging.steps": 3, "fw_merging.max_iters": 2, "fw_merging.dataset_size": 8,
-    "m2n2.evaluations": 5, "m2n2.num_samples": 8, "tint.epochs": 2,
+    "m2n2.evaluations": 5, "m2n2.num_samples": 8, "tint.epochs": 2, "statsmerging.steps": 3, "statsmerging.hidden": 8,
 }
 
 
