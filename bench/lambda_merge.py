@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from bench.problem import StateDict
+from bench.problem import MergeContext, StateDict
 from bench.task_vectors import mergeable_keys
 
 GRANULARITIES = ("task", "layer")
@@ -68,3 +68,12 @@ class TaskVectorStack:
             base = self.base[key]
             merged[key] = base + torch.tensordot(coefficients.to(base.dtype), self.stack[key], dims=1)
         return merged
+
+
+def shared_task_vectors(ctx: MergeContext) -> TaskVectorStack:
+    """The run's task-vector stack on its device: built once and reused by every λ-optimising job of the run or
+    sweep (its bytes recorded in the job's notes)."""
+    stack = ctx.memo(("task_vectors", str(ctx.device)),
+                     lambda: TaskVectorStack(ctx.pretrained(), ctx.experts(), ctx.device))
+    ctx.note_held("task_vectors", stack)
+    return stack

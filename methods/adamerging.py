@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bench.adaptation import UnlabeledBatches, optimise_lambdas
-from bench.lambda_merge import TaskVectorStack
+from bench.lambda_merge import shared_task_vectors
 from bench.problem import MergeContext, StateDict
 from bench.registry import param, register_method
 
@@ -45,9 +45,7 @@ def adamerging(ctx: MergeContext, p: AdaMergingParams, granularity: str) -> Stat
     # Data first: a suite that cannot supply it fails (and the method is skipped) before any expert is loaded.
     batches = UnlabeledBatches(problem, p.steps * p.batch_size, p.batch_size, ctx.seed, ctx.device)
     ctx.notes["samples_per_task"] = batches.distinct_per_task
-    stack = ctx.memo(("task_vectors", str(ctx.device)),
-                     lambda: TaskVectorStack(ctx.pretrained(), ctx.experts(), ctx.device))
-    ctx.note_held("task_vectors", stack)
+    stack = shared_task_vectors(ctx)
 
     def loss_fn(lambdas: Tensor, step: int) -> Tensor:
         logits = problem.logits_per_task(stack.merge(lambdas), {t: batches.batch(t, step) for t in problem.tasks})

@@ -19,7 +19,7 @@ Objective, minimised with Adam on w, per step one unlabeled batch of every task 
 (the reference divides the L1 sum by ``trainable_params_count / num_teachers``: a mean over one expert's
 coefficient slots, summed over the experts, so N times the mean over all coefficients). The soft cross-entropy
 equals the KL divergence plus the teacher's entropy: same gradient, a larger loss value. The teachers' logits are
-computed once per cached batch and shared with SAMerging's cache (``methods.samerging.cache_teacher_logits``).
+computed once per cached batch and shared with SAMerging's cache (``methods.samerging.teacher_logits``).
 The gradient's global norm is clipped to ``clip`` (1.0, as ``clip_grad_norm_``) before each Adam step.
 
 Defaults (the trainer class's, ``BaseExpertMergingTrainer``/``ExpertMergingTrainer``): init 0.1, T 3, lr 1e-4,
@@ -53,10 +53,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bench.adaptation import GradientFn, LossFn, UnlabeledBatches, optimise_lambdas
-from bench.lambda_merge import TaskVectorStack
+from bench.lambda_merge import TaskVectorStack, shared_task_vectors
 from bench.problem import MergeContext, StateDict
 from bench.registry import param, register_method
-from methods.samerging import cache_teacher_logits
+from methods.samerging import teacher_logits
 
 
 @dataclass(frozen=True)
@@ -147,19 +147,15 @@ def expert_merging(ctx: MergeContext, p: ExpertMergingParams) -> StateDict:
     # Data first: a suite that cannot supply it fails (and the method is skipped) before any expert is loaded.
     batches = UnlabeledBatches(problem, p.steps * p.batch_size, p.batch_size, ctx.seed, ctx.device)
     ctx.notes["samples_per_task"] = batches.distinct_per_task
-    # Same batches as SAMerging's for equal (seed, number of batches, batch size): its cache key is shared.
-    key = ("samerging_teacher_logits", ctx.seed, batches.num_batches, p.batch_size, str(ctx.device))
-    teacher_logits = ctx.memo(key, lambda: cache_teacher_logits(ctx, batches))
-    stack = ctx.memo(("task_vectors", str(ctx.device)),
-                     lambda: TaskVectorStack(ctx.pretrained(), ctx.experts(), ctx.device))
-    ctx.note_held("task_vectors", stack)
+    teachers = teacher_logits(ctx, batches)  # shared with SAMerging's for the same batches
+    stack = shared_task_vectors(ctx)
 
     def loss_fn(weights: Tensor, step: int) -> Tensor:
         coefficients = torch.sigmoid(weights)
         index = step % batches.num_batches
         students = problem.logits_per_task(merge_chunked(stack, coefficients),
                                            {task: batches.batch(task, index) for task in problem.tasks})
-        distillation = torch.stack([soft_cross_entropy(students[task], teacher_logits[task][index], p.temperature)
+        distillation = torch.stack([soft_cross_entropy(students[task], teachers[task][index], p.temperature)
                                     for task in problem.tasks]).mean()
         return distillation + p.reg_weight * coefficient_regulariser(coefficients, p.init)
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bench.adaptation import LossFn, UnlabeledBatches, optimise_lambdas
-from bench.lambda_merge import TaskVectorStack
+from bench.lambda_merge import shared_task_vectors
 from bench.problem import MergeContext, StateDict
 from bench.registry import param, register_method
 from methods.adamerging import entropy_loss
@@ -100,25 +100,26 @@ def cache_teacher_logits(ctx: MergeContext, batches: UnlabeledBatches) -> dict[s
     return logits
 
 
+def teacher_logits(ctx: MergeContext, batches: UnlabeledBatches) -> dict[str, list[Tensor]]:
+    """:func:`cache_teacher_logits` once per run for these batches (seed, count, size, device): methods that draw
+    the same batches (SAMerging, Expert Merging, StatsMerging) share it."""
+    key = ("samerging_teacher_logits", ctx.seed, batches.num_batches, batches.batch_size, str(ctx.device))
+    return ctx.memo(key, lambda: cache_teacher_logits(ctx, batches))
+
+
 def samerging(ctx: MergeContext, p: SAMergingParams, granularity: str) -> StateDict:
     problem = ctx.problem
     batches = UnlabeledBatches(problem, p.num_batches * p.batch_size, p.batch_size, ctx.seed, ctx.device)
     ctx.notes["samples_per_task"] = batches.distinct_per_task
-    base = ctx.pretrained()
-
-    teacher_logits: dict[str, list[Tensor]] = {}
-    if p.objective == "kl":
-        key = ("samerging_teacher_logits", ctx.seed, p.num_batches, p.batch_size, str(ctx.device))
-        teacher_logits = ctx.memo(key, lambda: cache_teacher_logits(ctx, batches))
-    stack = ctx.memo(("task_vectors", str(ctx.device)), lambda: TaskVectorStack(base, ctx.experts(), ctx.device))
-    ctx.note_held("task_vectors", stack)
+    teachers: dict[str, list[Tensor]] = teacher_logits(ctx, batches) if p.objective == "kl" else {}
+    stack = shared_task_vectors(ctx)
 
     def loss_fn(lambdas: Tensor, step: int) -> Tensor:
         batch_index = step % batches.num_batches
         students = problem.logits_per_task(stack.merge(lambdas),
                                            {task: batches.batch(task, batch_index) for task in problem.tasks})
         if p.objective == "kl":
-            losses = [distillation_loss(students[task], teacher_logits[task][batch_index], p.temperature)
+            losses = [distillation_loss(students[task], teachers[task][batch_index], p.temperature)
                       for task in problem.tasks]
         else:
             losses = [entropy_loss(students[task]) for task in problem.tasks]

@@ -21,7 +21,8 @@ The MLPs are trained by task-specific teacher distillation: expert i is the teac
 unlabeled test-time inputs of task i (the suite's protocol) is the pseudo-label, and the loss is
     L = Σ_i CE(f(x_i; θ(c), head_i), argmax f(x_i; θ_i, head_i))
 summed over tasks (the code sums the per-dataset losses), one batch per task per step, AdamW (lr 1e-3,
-weight decay 1e-4, as the code). The teachers' logits are computed once (``cache_teacher_logits``).
+weight decay 1e-4, as the code). The teachers' logits are computed once and shared with SAMerging's for the same
+batches (``methods.samerging.teacher_logits``).
 
 Defaults (all the released code's): hidden 256, AdamW lr 1e-3, weight decay 1e-4, 500 steps of one batch of 4
 unlabeled examples per task (budget 2000 draws per task; tiny8 full: ~13 s of adaptation on 2 CPU cores).
@@ -50,10 +51,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from bench.adaptation import UnlabeledBatches
-from bench.lambda_merge import TaskVectorStack
+from bench.lambda_merge import TaskVectorStack, shared_task_vectors
 from bench.problem import MergeContext, StateDict
 from bench.registry import param, register_method
-from methods.samerging import cache_teacher_logits
+from methods.samerging import teacher_logits
 
 NUM_FEATURES = 6
 RANK_TOLERANCE = 1e-3
@@ -150,12 +151,9 @@ def statsmerging(ctx: MergeContext, p: StatsMergingParams) -> StateDict:
     problem = ctx.problem
     batches = UnlabeledBatches(problem, p.steps * p.batch_size, p.batch_size, ctx.seed, ctx.device)
     ctx.notes["samples_per_task"] = batches.distinct_per_task
-    key = ("statsmerging_teacher_logits", ctx.seed, p.steps, p.batch_size, str(ctx.device))
-    teacher_logits = ctx.memo(key, lambda: cache_teacher_logits(ctx, batches))
-    stack = ctx.memo(("task_vectors", str(ctx.device)),
-                     lambda: TaskVectorStack(ctx.pretrained(), ctx.experts(), ctx.device))
-    ctx.note_held("task_vectors", stack)
-    mlps, features = train_mlps(ctx, stack, batches, teacher_logits, p)
+    teachers = teacher_logits(ctx, batches)
+    stack = shared_task_vectors(ctx)
+    mlps, features = train_mlps(ctx, stack, batches, teachers, p)
     with torch.no_grad():
         final = coefficients(mlps, features)
         ctx.notes["coefficient_mean_per_task"] = [round(float(v), 4) for v in final.mean(dim=0)]

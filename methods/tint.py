@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 
 from bench.adaptation import UnlabeledBatches
 from bench.errors import BenchError, unknown_name_error
-from bench.lambda_merge import TaskVectorStack
+from bench.lambda_merge import TaskVectorStack, shared_task_vectors
 from bench.problem import MergeContext, MergeProblem, PerTaskWeights, StateDict
 from bench.registry import param, register_method
 
@@ -240,8 +240,7 @@ def tint(ctx: MergeContext, p: TintParams) -> PerTaskWeights:
     # Data first: a suite that cannot supply it fails (and the method is skipped) before any expert is loaded.
     batches = UnlabeledBatches(problem, p.epochs * p.batch_size, p.batch_size, ctx.seed, ctx.device)
     ctx.notes["samples_per_task"] = batches.distinct_per_task
-    stack = ctx.memo(("task_vectors", str(ctx.device)),
-                     lambda: TaskVectorStack(ctx.pretrained(), ctx.experts(), ctx.device))
+    stack = shared_task_vectors(ctx)
     if p.tint_param == "auto":
         with torch.no_grad():
             start = stack.merge(clamped(stack.initial_lambdas("layer", p.init)))
@@ -255,7 +254,6 @@ def tint(ctx: MergeContext, p: TintParams) -> PerTaskWeights:
         targets = ctx.memo(("tint_expert_targets", ctx.seed, p.epochs, p.batch_size, str(ctx.device)),
                            lambda: compute_expert_targets(problem, batches, ctx.device))
         starts = initial_tints(stack, key, p.init, p.tint_init)
-        ctx.note_held("task_vectors", stack)
         ctx.note_held("tints", starts)
         begin = time.perf_counter()
         result = train_tint(problem, stack, batches, targets, key, starts, p, ctx.generator, ctx.progress)
