@@ -254,20 +254,22 @@ def merge_blockwise(
     ``combine`` maps the ``[K, n]`` task-vector block to the ``[n]`` merged task vector (it may overwrite its
     input, which is scratch).
     """
-    base = source.base
-    out = start_output(base)
-    scratch = Scratch()
-    for key in mergeable_keys(base):
-        base_flat, out_flat = source.base_flat(key), out[key].view(-1)
-        dtype = work_dtype(base_flat.dtype)
-        for start, stop in column_blocks(base_flat.numel(), block):
-            tau = source.fill(key, start, stop, scratch.get("tau", (source.count, stop - start), dtype))
-            write_scaled_sum(out_flat[start:stop], base_flat[start:stop], combine(tau), scaling)
-    return out
+    def delta(key: str, start: int, stop: int, dtype: torch.dtype, scratch: Scratch) -> Tensor:
+        return combine(source.fill(key, start, stop, scratch.get("tau", (source.count, stop - start), dtype)))
+
+    return _merge_by_block(source, delta, scaling, block)
 
 
 def merge_summed(source: TaskVectorSource, *, scaling: float, block: int = BLOCK_COLUMNS) -> StateDict:
     """``θ = θ0 + scaling · Σ_i τ_i`` block by block, accumulating one expert at a time (no K-row stack)."""
+    def delta(key: str, start: int, stop: int, dtype: torch.dtype, scratch: Scratch) -> Tensor:
+        return source.accumulate(key, start, stop, scratch.get("total", (stop - start,), dtype), scratch)
+
+    return _merge_by_block(source, delta, scaling, block)
+
+
+def _merge_by_block(source: TaskVectorSource, delta: Callable[..., Tensor], scaling: float, block: int) -> StateDict:
+    """The shared loop: ``θ = θ0 + scaling · delta(key, start, stop, work dtype, scratch)`` block by block."""
     base = source.base
     out = start_output(base)
     scratch = Scratch()
@@ -275,8 +277,8 @@ def merge_summed(source: TaskVectorSource, *, scaling: float, block: int = BLOCK
         base_flat, out_flat = source.base_flat(key), out[key].view(-1)
         dtype = work_dtype(base_flat.dtype)
         for start, stop in column_blocks(base_flat.numel(), block):
-            total = source.accumulate(key, start, stop, scratch.get("total", (stop - start,), dtype), scratch)
-            write_scaled_sum(out_flat[start:stop], base_flat[start:stop], total, scaling)
+            write_scaled_sum(out_flat[start:stop], base_flat[start:stop], delta(key, start, stop, dtype, scratch),
+                             scaling)
     return out
 
 

@@ -195,17 +195,29 @@ def frank_wolfe(start: Mapping[str, Tensor], candidates: Sequence[Mapping[str, T
 
 
 def draw_labeled(problem: MergeProblem, p: FwMergingParams, seed: int) -> dict[str, tuple[Tensor, Tensor]]:
+    """Every iteration's examples per task: dataset_size × max_iters with ``resample``; where a task's split holds
+    fewer, one iteration's dataset_size examples, which the iterations then walk round (the stream wraps); a
+    split smaller than dataset_size is a one-line error naming the setting."""
     wanted = p.dataset_size * (p.max_iters if p.resample else 1)
     data = {}
     for task in problem.tasks:
         try:
             data[task] = problem.labeled(task, wanted, seed)
+            continue
         except BenchError as exc:
-            hint = (f"fw_merging draws dataset_size × max_iters = {wanted} examples per task with resample=true; "
-                    "lower them or set fw_merging.resample=false") if p.resample else \
-                f"fw_merging draws dataset_size = {wanted} examples per task; lower it"
-            raise BenchError(f"{exc} ({hint})") from None
+            if wanted == p.dataset_size:
+                raise BenchError(f"{exc} (fw_merging draws dataset_size = {wanted} examples per task; lower "
+                                 "fw_merging.dataset_size)") from None
+        data[task] = draw_labeled_at_least(problem, task, p.dataset_size, seed)
     return data
+
+
+def draw_labeled_at_least(problem: MergeProblem, task: str, n: int, seed: int) -> tuple[Tensor, Tensor]:
+    try:
+        return problem.labeled(task, n, seed)
+    except BenchError as exc:
+        raise BenchError(f"{exc} (fw_merging draws dataset_size = {n} examples per task at least; lower "
+                         "fw_merging.dataset_size)") from None
 
 
 def iteration_examples(inputs: Tensor, labels: Tensor, t: int, n: int, resample: bool) -> tuple[Tensor, Tensor]:

@@ -248,12 +248,16 @@ def test_budget_and_draw_error_name_the_settings() -> None:
                 raise BenchError(f"asked for {n} labeled examples of task '{task}' but its split has 200")
             return super().labeled(task, n, seed)
 
-    with pytest.raises(BenchError, match=r"^asked for 1000 labeled examples of task 't0' but its split has 200 "
-                                         r"\(fw_merging draws dataset_size × max_iters = 1000 examples per task "
-                                         r"with resample=true; lower them or set fw_merging.resample=false\)$"):
-        run(Small(ToyParams()))
+    # 1000 asked, 200 held: one iteration's 100 are drawn and the iterations walk round them (recorded)
+    merged, ctx = run(Small(ToyParams()), max_iters="3", dataset_size="80")  # 240 asked
+    assert ctx.notes["samples_per_task"] == 80
     merged, ctx = run(Small(ToyParams()), resample="false", max_iters="2")
     assert ctx.notes["samples_per_task"] == 100
+    for resample in ("true", "false"):
+        with pytest.raises(BenchError, match=r"^asked for 300 labeled examples of task 't0' but its split has 200 "
+                                             r"\(fw_merging draws dataset_size = 300 examples per task( at least)?; "
+                                             r"lower fw_merging.dataset_size\)$"):
+            run(Small(ToyParams()), dataset_size="300", resample=resample)
 
 
 def test_bad_hyperparameters_one_line_errors() -> None:
